@@ -1,0 +1,237 @@
+//! The in-process output bus and work signal: one shared broadcast ring per followed command (no
+//! per-subscriber queues), and a `Notify` for idle workers. With a [`Relay`], it also sends
+//! coalesced hints to other replicas, and takes theirs through [`RemoteInbox`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, broadcast};
+
+use crate::domain::ids::CommandId;
+use crate::ports::{
+    BusEvent, OutputBus, Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
+};
+
+/// Events one command's ring holds; a follower further behind than this reads the store.
+const RING_CAPACITY: usize = 256;
+/// Output hints to other replicas are sent at most this often per command.
+const HINT_INTERVAL: Duration = Duration::from_millis(20);
+
+type Rings = Mutex<HashMap<CommandId, broadcast::Sender<BusEvent>>>;
+
+pub struct InProcessBus {
+    rings: Arc<Rings>,
+    work: Notify,
+    relay: Option<Arc<dyn Relay>>,
+    /// Highest stored sequence per command not yet hinted to other replicas.
+    unsent_stored: Mutex<HashMap<CommandId, i64>>,
+}
+
+impl InProcessBus {
+    /// A bus for one process.
+    pub fn local() -> Arc<Self> {
+        Arc::new(Self::with_relay(None))
+    }
+
+    /// A bus that also tells other replicas through `relay`, and a task that flushes its hints.
+    pub fn relayed(relay: Arc<dyn Relay>) -> Arc<Self> {
+        let bus = Arc::new(Self::with_relay(Some(relay)));
+        tokio::spawn(flush_hints(Arc::downgrade(&bus)));
+        bus
+    }
+
+    fn with_relay(relay: Option<Arc<dyn Relay>>) -> Self {
+        Self {
+            rings: Arc::new(Mutex::new(HashMap::new())),
+            work: Notify::new(),
+            relay,
+            unsent_stored: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn deliver_locally(&self, command: CommandId, event: BusEvent) {
+        let rings = self.rings.lock().expect("bus lock is never poisoned");
+        if let Some(ring) = rings.get(&command) {
+            // No receivers left is fine: nobody is following.
+            let _ = ring.send(event);
+        }
+    }
+
+    async fn relay(&self, hint: RemoteHint) {
+        if let Some(relay) = &self.relay {
+            relay.send(vec![hint]).await;
+        }
+    }
+
+    /// Open rings (commands being followed on this replica).
+    pub fn followed_commands(&self) -> usize {
+        self.rings.lock().expect("bus lock is never poisoned").len()
+    }
+}
+
+async fn flush_hints(bus: Weak<InProcessBus>) {
+    let mut tick = tokio::time::interval(HINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(bus) = bus.upgrade() else { return };
+        let hints: Vec<_> = std::mem::take(
+            &mut *bus
+                .unsent_stored
+                .lock()
+                .expect("bus lock is never poisoned"),
+        )
+        .into_iter()
+        .map(|(command, last_seq)| RemoteHint::Stored { command, last_seq })
+        .collect();
+        if let (false, Some(relay)) = (hints.is_empty(), &bus.relay) {
+            relay.send(hints).await;
+        }
+    }
+}
+
+#[async_trait]
+impl OutputBus for InProcessBus {
+    async fn publish(&self, command: CommandId, event: BusEvent) {
+        let hint = match &event {
+            BusEvent::Output(chunk) => {
+                if self.relay.is_some() {
+                    let mut unsent = self
+                        .unsent_stored
+                        .lock()
+                        .expect("bus lock is never poisoned");
+                    let last = unsent.entry(command).or_default();
+                    *last = (*last).max(chunk.seq);
+                }
+                None
+            }
+            BusEvent::Status(status) => Some(RemoteHint::Status {
+                command,
+                status: *status,
+            }),
+            BusEvent::CancelRequested => Some(RemoteHint::Cancel { command }),
+            // Truncation is read from the command row by remote followers.
+            BusEvent::Truncated | BusEvent::Stored { .. } => None,
+        };
+        self.deliver_locally(command, event);
+        if let Some(hint) = hint {
+            self.relay(hint).await;
+        }
+    }
+
+    fn subscribe(&self, command: CommandId) -> Box<dyn Subscription> {
+        let mut rings = self.rings.lock().expect("bus lock is never poisoned");
+        let receiver = rings
+            .entry(command)
+            .or_insert_with(|| broadcast::channel(RING_CAPACITY).0)
+            .subscribe();
+        Box::new(RingSubscription {
+            command,
+            receiver: Some(receiver),
+            rings: self.rings.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl WorkSignal for InProcessBus {
+    async fn announce(&self) {
+        self.work.notify_one();
+        self.relay(RemoteHint::Work).await;
+    }
+
+    async fn wait(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
+    }
+}
+
+impl RemoteInbox for InProcessBus {
+    fn deliver(&self, hint: RemoteHint) {
+        match hint {
+            RemoteHint::Stored { command, last_seq } => {
+                self.deliver_locally(command, BusEvent::Stored { last_seq })
+            }
+            RemoteHint::Status { command, status } => {
+                self.deliver_locally(command, BusEvent::Status(status))
+            }
+            RemoteHint::Cancel { command } => {
+                self.deliver_locally(command, BusEvent::CancelRequested)
+            }
+            RemoteHint::Work => self.work.notify_one(),
+        }
+    }
+}
+
+struct RingSubscription {
+    command: CommandId,
+    receiver: Option<broadcast::Receiver<BusEvent>>,
+    rings: Arc<Rings>,
+}
+
+#[async_trait]
+impl Subscription for RingSubscription {
+    async fn next(&mut self) -> Received {
+        let receiver = self.receiver.as_mut().expect("present until drop");
+        match receiver.recv().await {
+            Ok(event) => Received::Event(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => Received::Lagged,
+            // The ring outlives its subscribers, so it never closes under one.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for RingSubscription {
+    fn drop(&mut self) {
+        drop(self.receiver.take());
+        let mut rings = self.rings.lock().expect("bus lock is never poisoned");
+        if rings
+            .get(&self.command)
+            .is_some_and(|ring| ring.receiver_count() == 0)
+        {
+            rings.remove(&self.command);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::command::{OutputChunk, OutputStream};
+
+    fn chunk(seq: i64) -> BusEvent {
+        BusEvent::Output(Arc::new(OutputChunk {
+            seq,
+            stream: OutputStream::Stdout,
+            data: format!("{seq}\n"),
+        }))
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_one_ring_that_goes_away_with_them() {
+        let bus = InProcessBus::local();
+        let id = CommandId::new();
+        let mut a = bus.subscribe(id);
+        let mut b = bus.subscribe(id);
+        bus.publish(id, chunk(1)).await;
+        for sub in [&mut a, &mut b] {
+            assert!(matches!(sub.next().await, Received::Event(BusEvent::Output(c)) if c.seq == 1));
+        }
+        assert_eq!(bus.followed_commands(), 1);
+        drop((a, b));
+        assert_eq!(bus.followed_commands(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_to_read_the_store() {
+        let bus = InProcessBus::local();
+        let id = CommandId::new();
+        let mut slow = bus.subscribe(id);
+        for seq in 1..=(RING_CAPACITY as i64 + 10) {
+            bus.publish(id, chunk(seq)).await;
+        }
+        assert!(matches!(slow.next().await, Received::Lagged));
+    }
+}

@@ -1,0 +1,141 @@
+//! Read-through caches in front of the key and project repositories (TTL = `CACHE_TTL`). Writes
+//! through a wrapper invalidate its entry at once; other replicas see a change within the TTL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use moka::future::Cache;
+use time::OffsetDateTime;
+
+use crate::domain::api_key::ApiKey;
+use crate::domain::audit::NewAuditEvent;
+use crate::domain::ids::{ApiKeyId, ProjectId};
+use crate::domain::project::Project;
+use crate::ports::{ApiKeyRepository, PortError, ProjectRepository};
+
+const MAX_ENTRIES: u64 = 10_000;
+
+pub struct CachedApiKeys {
+    inner: Arc<dyn ApiKeyRepository>,
+    /// By prefix; `None` remembers that no key has it.
+    by_prefix: Cache<String, Option<ApiKey>>,
+}
+
+impl CachedApiKeys {
+    pub fn new(inner: Arc<dyn ApiKeyRepository>, ttl: Duration) -> Self {
+        Self {
+            inner,
+            by_prefix: Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    async fn forget(&self, key: &ApiKey) {
+        // After a rotation the old prefix must stop working too, so drop every entry of this key.
+        let id = key.id;
+        self.by_prefix.invalidate(&key.prefix).await;
+        let stale: Vec<_> = self
+            .by_prefix
+            .iter()
+            .filter(|(_, cached)| cached.as_ref().is_some_and(|k| k.id == id))
+            .map(|(prefix, _)| prefix)
+            .collect();
+        for prefix in stale {
+            self.by_prefix.invalidate(prefix.as_str()).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ApiKeyRepository for CachedApiKeys {
+    async fn insert(&self, key: &ApiKey, audit: NewAuditEvent) -> Result<(), PortError> {
+        self.inner.insert(key, audit).await?;
+        self.forget(key).await;
+        Ok(())
+    }
+
+    async fn save(&self, key: &ApiKey, audit: NewAuditEvent) -> Result<(), PortError> {
+        self.inner.save(key, audit).await?;
+        self.forget(key).await;
+        Ok(())
+    }
+
+    async fn find_by_prefix(&self, prefix: &str) -> Result<Option<ApiKey>, PortError> {
+        if let Some(cached) = self.by_prefix.get(prefix).await {
+            return Ok(cached);
+        }
+        let found = self.inner.find_by_prefix(prefix).await?;
+        self.by_prefix
+            .insert(prefix.to_owned(), found.clone())
+            .await;
+        Ok(found)
+    }
+
+    async fn get(&self, id: ApiKeyId) -> Result<ApiKey, PortError> {
+        self.inner.get(id).await
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, PortError> {
+        self.inner.list().await
+    }
+
+    async fn is_empty(&self) -> Result<bool, PortError> {
+        self.inner.is_empty().await
+    }
+
+    async fn record_usage(&self, used: &[(ApiKeyId, OffsetDateTime)]) -> Result<(), PortError> {
+        self.inner.record_usage(used).await
+    }
+}
+
+pub struct CachedProjects {
+    inner: Arc<dyn ProjectRepository>,
+    by_id: Cache<ProjectId, Project>,
+}
+
+impl CachedProjects {
+    pub fn new(inner: Arc<dyn ProjectRepository>, ttl: Duration) -> Self {
+        Self {
+            inner,
+            by_id: Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+}
+
+#[async_trait]
+impl ProjectRepository for CachedProjects {
+    async fn insert(&self, project: &Project, audit: NewAuditEvent) -> Result<(), PortError> {
+        self.inner.insert(project, audit).await
+    }
+
+    async fn update(&self, project: &Project, audit: NewAuditEvent) -> Result<(), PortError> {
+        self.inner.update(project, audit).await?;
+        self.by_id.invalidate(&project.id).await;
+        Ok(())
+    }
+
+    async fn delete(&self, id: ProjectId, audit: NewAuditEvent) -> Result<(), PortError> {
+        self.inner.delete(id, audit).await?;
+        self.by_id.invalidate(&id).await;
+        Ok(())
+    }
+
+    async fn get(&self, id: ProjectId) -> Result<Project, PortError> {
+        if let Some(project) = self.by_id.get(&id).await {
+            return Ok(project);
+        }
+        let project = self.inner.get(id).await?;
+        self.by_id.insert(id, project.clone()).await;
+        Ok(project)
+    }
+
+    async fn list(&self, only: Option<&[ProjectId]>) -> Result<Vec<Project>, PortError> {
+        self.inner.list(only).await
+    }
+}

@@ -1,0 +1,155 @@
+//! The HTTP API: routes, handlers (thin: extract, call one service method, map the result),
+//! problem+json errors, SSE, metrics and the generated OpenAPI document.
+
+pub mod api_keys;
+pub mod audit;
+pub mod commands;
+pub mod extract;
+pub mod ops;
+pub mod problem;
+pub mod projects;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{
+    ApiKey as ApiKeyScheme, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::adapters::telemetry::Metrics;
+use crate::services::api_keys::ApiKeyService;
+use crate::services::audit::AuditService;
+use crate::services::commands::CommandService;
+use crate::services::follow::FollowService;
+use crate::services::projects::ProjectService;
+
+pub use extract::ClientIpResolver;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Answers whether the storage behind the API is usable right now.
+#[async_trait]
+pub trait ReadinessProbe: Send + Sync {
+    async fn storage_ready(&self) -> bool;
+}
+
+/// Everything handlers reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub keys: Arc<ApiKeyService>,
+    pub projects: Arc<ProjectService>,
+    pub audit: Arc<AuditService>,
+    pub commands: Arc<CommandService>,
+    pub follow: Arc<FollowService>,
+    pub metrics: Arc<Metrics>,
+    pub client_ip: Arc<ClientIpResolver>,
+    pub probe: Arc<dyn ReadinessProbe>,
+    /// Cancelled when the server starts draining: `/ready` fails and event streams end.
+    pub shutdown: CancellationToken,
+    pub sse_keep_alive: Duration,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "rdev-api", description = "Run shell commands in Kubernetes pods over HTTP."),
+    modifiers(&SecurityAddon),
+    components(schemas(problem::Problem))
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKeyScheme::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+/// The whole application router.
+pub fn router(state: AppState) -> Router {
+    let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest(
+            "/api/v1",
+            OpenApiRouter::new()
+                .merge(api_keys::routes())
+                .merge(projects::routes())
+                .merge(commands::routes())
+                .merge(audit::routes()),
+        )
+        .merge(ops::routes())
+        .split_for_parts();
+    openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let openapi = Arc::new(openapi);
+    let request_id = HeaderName::from_static("x-request-id");
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let openapi = openapi.clone();
+            async move { axum::Json(openapi.as_ref().clone()) }
+        }),
+    )
+    // A route layer runs after routing, so it sees the matched route template.
+    .route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        record_metrics,
+    ))
+    .fallback(|| async { problem::ApiError::RouteNotFound })
+    .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    .layer(middleware::from_fn(problem::normalize_errors))
+    .layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(TraceLayer::new_for_http())
+            .layer(PropagateRequestIdLayer::new(request_id))
+            .layer(CatchPanicLayer::custom(|_| {
+                tracing::error!("a handler panicked");
+                problem::status_problem(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+            })),
+    )
+    .with_state(state)
+}
+
+async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[method.as_str(), route.as_str(), status.as_str()])
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[method.as_str(), route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

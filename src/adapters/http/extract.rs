@@ -1,0 +1,292 @@
+//! Extractors that turn request parts into typed input, failing with problem details: JSON
+//! bodies (with the JSON pointer of the bad field), path ids, query strings, and the caller.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+
+use crate::domain::FieldError;
+use crate::domain::audit::AuditContext;
+use crate::services::Caller;
+
+use super::AppState;
+use super::problem::ApiError;
+
+/// A JSON body. Wrong content type: 415; too large: 413; not JSON: 400; wrong shape or unknown
+/// field: 422 naming the field.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection: BytesRejection| {
+                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::PayloadTooLarge
+                    } else {
+                        ApiError::MalformedBody(rejection.body_text())
+                    }
+                })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(value) => {
+            deserializer
+                .end()
+                .map_err(|e| ApiError::MalformedBody(e.to_string()))?;
+            Ok(value)
+        }
+        Err(error) => {
+            let inner = error.inner();
+            if inner.is_data() {
+                let pointer = json_pointer(error.path());
+                Err(ApiError::invalid(vec![FieldError::new(
+                    pointer,
+                    inner.to_string(),
+                )]))
+            } else {
+                Err(ApiError::MalformedBody(inner.to_string()))
+            }
+        }
+    }
+}
+
+fn json_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut pointer = String::new();
+    for segment in path.iter() {
+        pointer.push('/');
+        match segment {
+            Segment::Seq { index } => pointer.push_str(&index.to_string()),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                pointer.push_str(&crate::domain::project::escape_pointer(key))
+            }
+            Segment::Unknown => pointer.push('?'),
+        }
+    }
+    pointer
+}
+
+/// A path parameter; a malformed one (such as a bad UUID) is a 400.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::BadParameter {
+                what: "path parameter",
+                detail: rejection.body_text(),
+            })
+    }
+}
+
+/// A query string; a malformed one is a 400.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::BadParameter {
+                what: "query parameter",
+                detail: rejection.body_text(),
+            })
+    }
+}
+
+/// Finds the client address: the socket peer, or, when the peer is a trusted proxy, the
+/// right-most `X-Forwarded-For` hop that is not itself a trusted proxy.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIpResolver {
+    trusted: Vec<IpNet>,
+}
+
+impl ClientIpResolver {
+    pub fn new(trusted: Vec<IpNet>) -> Self {
+        Self { trusted }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        for hop in hops.into_iter().rev() {
+            let Ok(ip) = hop.parse::<IpAddr>() else { break };
+            client = ip.to_canonical();
+            if !self.is_trusted(client) {
+                break;
+            }
+        }
+        client
+    }
+}
+
+/// What a request presents about itself before it is authenticated.
+pub struct Credentials {
+    pub presented: Option<String>,
+    pub client_ip: IpAddr,
+    pub context: AuditContext,
+}
+
+impl FromRequestParts<AppState> for Credentials {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let client_ip = state.client_ip.resolve(peer, &parts.headers);
+        let header_text = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let presented = header_text(header::AUTHORIZATION.as_str())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            })
+            .or_else(|| header_text("x-api-key"));
+        let trace_id = header_text("traceparent")
+            .and_then(|tp| tp.split('-').nth(1).map(str::to_owned))
+            .filter(|id| id.len() == 32);
+        Ok(Credentials {
+            presented,
+            client_ip,
+            context: AuditContext {
+                actor: None,
+                client_ip: Some(client_ip.to_string()),
+                request_id: header_text("x-request-id"),
+                trace_id,
+            },
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let credentials = Credentials::from_request_parts(parts, state).await?;
+        Ok(state
+            .keys
+            .authenticate(
+                credentials.presented.as_deref(),
+                credentials.client_ip,
+                credentials.context,
+            )
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", xff.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn forwarded_for_is_ignored_from_untrusted_peers() {
+        let resolver = ClientIpResolver::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(resolver.resolve(peer, &headers("1.2.3.4")), peer);
+    }
+
+    #[test]
+    fn forwarded_for_from_a_trusted_proxy_names_the_client() {
+        let resolver = ClientIpResolver::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        // The left-most entry is whatever the client claimed; the right-most untrusted hop counts.
+        let client = resolver.resolve(peer, &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"));
+        assert_eq!(client, "1.2.3.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            #[allow(dead_code)]
+            inner: Inner,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct Inner {
+            #[allow(dead_code)]
+            count: u32,
+        }
+        let Err(ApiError::Service(crate::services::ServiceError::Invalid(fields))) =
+            parse_json::<Body>(br#"{"inner": {"count": "x"}}"#)
+        else {
+            panic!("expected a validation error")
+        };
+        assert_eq!(fields[0].pointer, "/inner/count");
+        assert!(matches!(
+            parse_json::<Body>(b"{"),
+            Err(ApiError::MalformedBody(_))
+        ));
+    }
+}

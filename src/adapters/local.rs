@@ -1,0 +1,220 @@
+//! The local-process executor: `sh -c <command>` in the project's workdir, in its own process
+//! group so that stopping it reaches every child, with a high `oom_score_adj` so the kernel
+//! picks a runaway command before the server.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::domain::command::OutputStream;
+use crate::ports::{ExecRequest, Execution, Executor, PortError};
+
+/// Pieces of output buffered between the pipes and the consumer; when full, the readers stop
+/// reading and the process blocks on its writes.
+const PIPE_BACKLOG: usize = 16;
+const READ_SIZE: usize = 8 * 1024;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalExecutor;
+
+#[async_trait]
+impl Executor for LocalExecutor {
+    async fn start(&self, request: ExecRequest) -> Result<Box<dyn Execution>, PortError> {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(&request.command)
+            .current_dir(&request.workdir)
+            .envs(request.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only performs
+        // async-signal-safe calls (open, write, close) on a static path.
+        unsafe {
+            command.pre_exec(|| {
+                raise_oom_score();
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            PortError::Conflict(format!("cannot start `sh` in {}: {e}", request.workdir))
+        })?;
+        let pgid = child
+            .id()
+            .ok_or_else(|| PortError::backend("child exited before it was seen"))?
+            as i32;
+        let (tx, rx) = mpsc::channel(PIPE_BACKLOG);
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        tokio::spawn(pump(stdout, OutputStream::Stdout, tx.clone()));
+        tokio::spawn(pump(stderr, OutputStream::Stderr, tx));
+        let exited = Arc::new(AtomicBool::new(false));
+        let waiter = tokio::spawn(wait_then_clean_up(child, pgid, exited.clone()));
+        Ok(Box::new(LocalExecution {
+            pgid,
+            output: rx,
+            waiter: Some(waiter),
+            exited,
+        }))
+    }
+}
+
+fn raise_oom_score() {
+    let path = c"/proc/self/oom_score_adj";
+    // SAFETY: plain syscalls on a NUL-terminated static path and a static buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            let value = b"1000";
+            libc::write(fd, value.as_ptr().cast(), value.len());
+            libc::close(fd);
+        }
+    }
+}
+
+fn signal_group(pgid: i32, signal: libc::c_int) {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+async fn pump(
+    mut pipe: impl AsyncRead + Unpin,
+    stream: OutputStream,
+    tx: mpsc::Sender<(OutputStream, Bytes)>,
+) {
+    let mut buffer = BytesMut::with_capacity(READ_SIZE);
+    loop {
+        buffer.reserve(READ_SIZE);
+        match pipe.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if tx.send((stream, buffer.split().freeze())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the shell; once it is gone, kills what it left behind in its group so that
+/// background children cannot hold the pipes (and the command) open.
+async fn wait_then_clean_up(
+    mut child: Child,
+    pgid: i32,
+    exited: Arc<AtomicBool>,
+) -> std::io::Result<Option<i32>> {
+    let status = child.wait().await;
+    exited.store(true, Ordering::Release);
+    signal_group(pgid, libc::SIGKILL);
+    status.map(|s| s.code())
+}
+
+struct LocalExecution {
+    pgid: i32,
+    output: mpsc::Receiver<(OutputStream, Bytes)>,
+    waiter: Option<tokio::task::JoinHandle<std::io::Result<Option<i32>>>>,
+    exited: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Execution for LocalExecution {
+    async fn next_output(&mut self) -> Option<(OutputStream, Bytes)> {
+        self.output.recv().await
+    }
+
+    async fn terminate(&mut self, grace: Duration) {
+        if self.exited.load(Ordering::Acquire) {
+            return;
+        }
+        signal_group(self.pgid, libc::SIGTERM);
+        let (pgid, exited) = (self.pgid, self.exited.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if !exited.load(Ordering::Acquire) {
+                signal_group(pgid, libc::SIGKILL);
+            }
+        });
+    }
+
+    async fn wait(&mut self) -> Result<Option<i32>, PortError> {
+        let waiter = self
+            .waiter
+            .take()
+            .ok_or_else(|| PortError::backend("waited twice"))?;
+        waiter
+            .await
+            .map_err(PortError::backend)?
+            .map_err(PortError::backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::CommandId;
+
+    fn request(command: &str) -> ExecRequest {
+        ExecRequest {
+            command_id: CommandId::new(),
+            command: command.into(),
+            workdir: "/tmp".into(),
+            env: vec![("GREETING".into(), "hi".into())],
+            target: None,
+        }
+    }
+
+    async fn run(command: &str) -> (String, String, Option<i32>) {
+        let mut execution = LocalExecutor.start(request(command)).await.unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some((stream, bytes)) = execution.next_output().await {
+            match stream {
+                OutputStream::Stdout => out.extend_from_slice(&bytes),
+                OutputStream::Stderr => err.extend_from_slice(&bytes),
+            }
+        }
+        let code = execution.wait().await.unwrap();
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+            code,
+        )
+    }
+
+    #[tokio::test]
+    async fn runs_in_workdir_with_env_and_reports_exit_code() {
+        let (out, err, code) = run("pwd; echo $GREETING; echo oops >&2; exit 3").await;
+        assert_eq!(out, "/tmp\nhi\n");
+        assert_eq!(err, "oops\n");
+        assert_eq!(code, Some(3));
+    }
+
+    #[tokio::test]
+    async fn terminate_reaches_children_of_the_shell() {
+        let mut execution = LocalExecutor
+            .start(request("sleep 30 & sleep 30; echo never"))
+            .await
+            .unwrap();
+        execution.terminate(Duration::from_secs(1)).await;
+        while execution.next_output().await.is_some() {}
+        assert_eq!(execution.wait().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_workdir_fails_to_start() {
+        let mut req = request("true");
+        req.workdir = "/definitely/not/here".into();
+        assert!(LocalExecutor.start(req).await.is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! The Postgres backend for several replicas: the queue is claimed with `FOR UPDATE SKIP
+//! LOCKED`, audit appends are serialised with an advisory lock, and replicas tell each other
+//! about new work, cancels, status changes and stored output through `LISTEN/NOTIFY` on one
+//! channel. NOTIFY is only a hint (coalesced by the bus); the tables stay the source of truth.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::command::CommandStatus;
+use crate::domain::ids::CommandId;
+use crate::ports::{PortError, Relay, RemoteHint, RemoteInbox};
+
+use super::sql::{db, sql_repositories};
+
+const CHANNEL: &str = "rdev_events";
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects and applies the migrations (sqlx takes an advisory lock, so replicas starting
+    /// together migrate once).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    fn reader(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, PortError> {
+        self.pool.begin().await.map_err(db)
+    }
+
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub fn relay(&self, origin: String) -> PgRelay {
+        PgRelay {
+            pool: self.pool.clone(),
+            origin,
+        }
+    }
+
+    /// Listens for other replicas' hints and hands them to `inbox` until `shutdown`.
+    pub fn listen(&self, origin: String, inbox: Arc<dyn RemoteInbox>, shutdown: CancellationToken) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                match listen_once(&pool, &origin, inbox.as_ref(), &shutdown).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN connection failed; retrying (the poll fallback covers the gap)");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn listen_once(
+    pool: &PgPool,
+    origin: &str,
+    inbox: &dyn RemoteInbox,
+    shutdown: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    loop {
+        let notification = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            received = listener.recv() => received?,
+        };
+        match serde_json::from_str::<Envelope>(notification.payload()) {
+            Ok(envelope) if envelope.origin != origin => {
+                for hint in envelope.hints {
+                    if let Some(hint) = hint.into_hint() {
+                        inbox.deliver(hint);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "ignoring a malformed notification"),
+        }
+    }
+}
+
+/// Sends hints with `pg_notify`, one notification per batch.
+pub struct PgRelay {
+    pool: PgPool,
+    origin: String,
+}
+
+#[async_trait]
+impl Relay for PgRelay {
+    async fn send(&self, hints: Vec<RemoteHint>) {
+        let envelope = Envelope {
+            origin: self.origin.clone(),
+            hints: hints.iter().map(WireHint::from).collect(),
+        };
+        let payload = serde_json::to_string(&envelope).expect("hints always serialize");
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(%error, "NOTIFY failed; other replicas fall back to polling");
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    #[serde(rename = "o")]
+    origin: String,
+    #[serde(rename = "h")]
+    hints: Vec<WireHint>,
+}
+
+/// The NOTIFY payload form of a hint: short keys, since payloads are limited to 8000 bytes.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "k")]
+enum WireHint {
+    #[serde(rename = "o")]
+    Stored { c: CommandId, s: i64 },
+    #[serde(rename = "s")]
+    Status { c: CommandId, s: CommandStatus },
+    #[serde(rename = "x")]
+    Cancel { c: CommandId },
+    #[serde(rename = "w")]
+    Work,
+}
+
+impl From<&RemoteHint> for WireHint {
+    fn from(hint: &RemoteHint) -> Self {
+        match *hint {
+            RemoteHint::Stored { command, last_seq } => WireHint::Stored {
+                c: command,
+                s: last_seq,
+            },
+            RemoteHint::Status { command, status } => WireHint::Status {
+                c: command,
+                s: status,
+            },
+            RemoteHint::Cancel { command } => WireHint::Cancel { c: command },
+            RemoteHint::Work => WireHint::Work,
+        }
+    }
+}
+
+impl WireHint {
+    fn into_hint(self) -> Option<RemoteHint> {
+        Some(match self {
+            WireHint::Stored { c, s } => RemoteHint::Stored {
+                command: c,
+                last_seq: s,
+            },
+            WireHint::Status { c, s } => RemoteHint::Status {
+                command: c,
+                status: s,
+            },
+            WireHint::Cancel { c } => RemoteHint::Cancel { command: c },
+            WireHint::Work => RemoteHint::Work,
+        })
+    }
+}
+
+sql_repositories!(
+    PgStore,
+    Postgres,
+    claim_lock = "FOR UPDATE OF c SKIP LOCKED",
+    audit_lock = "SELECT pg_advisory_xact_lock(7262011)"
+);

@@ -1,0 +1,134 @@
+//! Logs and metrics: JSON logs through `tracing`, and a Prometheus registry (built here, never
+//! the process-global default) with the `rdev_` metrics.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tracing_subscriber::EnvFilter;
+
+use crate::domain::command::CommandStatus;
+use crate::ports::CommandMetrics;
+
+/// Installs the global log subscriber: JSON lines, or human text when `json` is false.
+pub fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests starting several servers) keeps the first subscriber.
+    drop(result);
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub sse_active: IntGauge,
+    pub commands_active: IntGauge,
+    pub commands_queued: IntGauge,
+    command_duration: HistogramVec,
+    output_bytes: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("rdev".into()), None)?;
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route and status"),
+            &["method", "route", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
+            &["method", "route"],
+        )?;
+        let sse_active = IntGauge::new("sse_connections_active", "Open SSE event streams")?;
+        let commands_active = IntGauge::new("commands_active", "Commands running on this replica")?;
+        let commands_queued =
+            IntGauge::new("commands_queued", "Commands waiting in the shared queue")?;
+        let command_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "command_duration_seconds",
+                "Command run time by final status",
+            )
+            .buckets(vec![
+                0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
+            ]),
+            &["status"],
+        )?;
+        let output_bytes = IntCounter::new(
+            "command_output_bytes_total",
+            "Output bytes produced by commands",
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(sse_active.clone()))?;
+        registry.register(Box::new(commands_active.clone()))?;
+        registry.register(Box::new(commands_queued.clone()))?;
+        registry.register(Box::new(command_duration.clone()))?;
+        registry.register(Box::new(output_bytes.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            http_duration,
+            sse_active,
+            commands_active,
+            commands_queued,
+            command_duration,
+            output_bytes,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding gathered metrics into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl CommandMetrics for Metrics {
+    fn command_started(&self) {
+        self.commands_active.inc();
+    }
+
+    fn command_finished(&self, status: CommandStatus, ran_for: Duration) {
+        self.commands_active.dec();
+        self.command_duration
+            .with_label_values(&[status.as_str()])
+            .observe(ran_for.as_secs_f64());
+    }
+
+    fn output_bytes(&self, bytes: u64) {
+        self.output_bytes.inc_by(bytes);
+    }
+
+    fn stream_opened(&self) {
+        self.sse_active.inc();
+    }
+
+    fn stream_closed(&self) {
+        self.sse_active.dec();
+    }
+}

@@ -1,0 +1,349 @@
+//! The composition root: opens storage, picks adapters from the configuration, wires them into
+//! the services, builds the router and runs the server with its background tasks until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::bus::InProcessBus;
+use crate::adapters::cache::{CachedApiKeys, CachedProjects};
+use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe};
+use crate::adapters::local::LocalExecutor;
+use crate::adapters::postgres::PgStore;
+use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::telemetry::Metrics;
+use crate::config::Config;
+use crate::ports::clock::SystemClock;
+use crate::ports::{
+    ApiKeyRepository, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore, OutputBus,
+    OutputStore, ProjectRepository, WorkSignal,
+};
+use crate::services::api_keys::ApiKeyService;
+use crate::services::audit::AuditService;
+use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimits};
+use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
+use crate::services::projects::ProjectService;
+use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
+
+/// How often batched `last_used_at` updates are written.
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot open the database (DATABASE_URL)")]
+    Database(#[source] sqlx::Error),
+    #[error("cannot set up metrics")]
+    Metrics(#[source] prometheus::Error),
+    #[error("cannot create the bootstrap admin key")]
+    Bootstrap(#[source] crate::services::ServiceError),
+    #[error("cannot bind {0}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("the server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The database behind every storage port.
+#[derive(Clone)]
+enum Storage {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+struct Ports {
+    keys: Arc<dyn ApiKeyRepository>,
+    projects: Arc<dyn ProjectRepository>,
+    audit: Arc<dyn AuditLog>,
+    commands: Arc<dyn CommandStore>,
+    queue: Arc<dyn CommandQueue>,
+    output: Arc<dyn OutputStore>,
+}
+
+impl Storage {
+    async fn open(config: &Config) -> Result<Self, StartupError> {
+        let url = config.database_url.expose();
+        if url.starts_with("postgres") {
+            let store = PgStore::connect(url, config.db_max_connections)
+                .await
+                .map_err(StartupError::Database)?;
+            Ok(Storage::Postgres(Arc::new(store)))
+        } else {
+            let store = SqliteStore::connect(url)
+                .await
+                .map_err(StartupError::Database)?;
+            Ok(Storage::Sqlite(Arc::new(store)))
+        }
+    }
+
+    fn ports(&self) -> Ports {
+        match self {
+            Storage::Sqlite(s) => Ports {
+                keys: s.clone(),
+                projects: s.clone(),
+                audit: s.clone(),
+                commands: s.clone(),
+                queue: s.clone(),
+                output: s.clone(),
+            },
+            Storage::Postgres(s) => Ports {
+                keys: s.clone(),
+                projects: s.clone(),
+                audit: s.clone(),
+                commands: s.clone(),
+                queue: s.clone(),
+                output: s.clone(),
+            },
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Storage::Sqlite(s) => s.close().await,
+            Storage::Postgres(s) => s.close().await,
+        }
+    }
+}
+
+#[async_trait]
+impl ReadinessProbe for Storage {
+    async fn storage_ready(&self) -> bool {
+        match self {
+            Storage::Sqlite(s) => s.ping().await,
+            Storage::Postgres(s) => s.ping().await,
+        }
+    }
+}
+
+/// A built server, bound and ready to run.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    storage: Storage,
+    keys: Arc<ApiKeyService>,
+    workers: Arc<WorkerPool>,
+    /// The generated bootstrap key, when one was just created.
+    pub bootstrap_key: Option<String>,
+}
+
+impl App {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Cancelling this token shuts the server down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: stops accepting, ends event
+    /// streams, lets running commands finish within the grace period, flushes key usage.
+    pub async fn run(self) -> Result<(), StartupError> {
+        let App {
+            listener,
+            router,
+            shutdown,
+            storage,
+            keys,
+            workers,
+            ..
+        } = self;
+        let worker_task = tokio::spawn(workers.run(shutdown.clone()));
+        let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+        shutdown.cancel();
+        tracing::info!("stopped accepting requests; draining workers");
+        let _ = worker_task.await;
+        let _ = usage_task.await;
+        if let Err(error) = keys.flush_usage().await {
+            tracing::warn!(%error, "could not write key usage at shutdown");
+        }
+        storage.close().await;
+        tracing::info!("shut down");
+        served.map_err(StartupError::Serve)
+    }
+}
+
+async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(USAGE_FLUSH_INTERVAL) => {}
+        }
+        if let Err(error) = keys.flush_usage().await {
+            tracing::warn!(%error, "could not write key usage");
+        }
+    }
+}
+
+/// Opens storage (applying migrations), bootstraps the first admin key, wires everything and
+/// returns a server bound to `listener`.
+pub async fn build(config: Config, listener: TcpListener) -> Result<App, StartupError> {
+    let shutdown = CancellationToken::new();
+    let storage = Storage::open(&config).await?;
+    let ports = storage.ports();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
+    let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
+    let replica = replica_name();
+
+    let bus = match &storage {
+        Storage::Sqlite(_) => InProcessBus::local(),
+        Storage::Postgres(pg) => {
+            let bus = InProcessBus::relayed(Arc::new(pg.relay(replica.clone())));
+            pg.listen(replica.clone(), bus.clone(), shutdown.clone());
+            bus
+        }
+    };
+    let output_bus: Arc<dyn OutputBus> = bus.clone();
+    let work: Arc<dyn WorkSignal> = bus;
+
+    let keys_repo: Arc<dyn ApiKeyRepository> =
+        Arc::new(CachedApiKeys::new(ports.keys, config.cache_ttl));
+    let projects_repo: Arc<dyn ProjectRepository> =
+        Arc::new(CachedProjects::new(ports.projects, config.cache_ttl));
+
+    let keys = Arc::new(ApiKeyService::new(keys_repo, clock.clone()));
+    let bootstrap_key = keys
+        .bootstrap(config.bootstrap_admin_key.as_ref().map(|s| s.expose()))
+        .await
+        .map_err(StartupError::Bootstrap)?
+        .map(|key| key.expose().to_owned());
+
+    let commands = Arc::new(CommandService::new(
+        CommandServicePorts {
+            commands: ports.commands.clone(),
+            output: ports.output.clone(),
+            projects: projects_repo.clone(),
+            bus: output_bus.clone(),
+            work: work.clone(),
+            clock: clock.clone(),
+        },
+        SubmitLimits {
+            max_queued: config.max_queued,
+        },
+    ));
+    let token_secret = config
+        .stream_token_secret
+        .as_ref()
+        .map(|s| s.expose().as_bytes().to_vec())
+        .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+    let follow = Arc::new(FollowService::new(
+        commands.clone(),
+        FollowPorts {
+            store: ports.commands.clone(),
+            output: ports.output.clone(),
+            bus: output_bus.clone(),
+            clock: clock.clone(),
+        },
+        StreamLimiter::new(
+            config.max_sse_connections,
+            config.max_sse_per_key,
+            command_metrics.clone(),
+        ),
+        StreamTokens::new(token_secret),
+    ));
+    let workers = WorkerPool::new(
+        WorkerPorts {
+            queue: ports.queue,
+            projects: projects_repo.clone(),
+            output: ports.output,
+            bus: output_bus,
+            work,
+            clock: clock.clone(),
+            metrics: command_metrics,
+            local: Arc::new(LocalExecutor),
+            kube: None,
+        },
+        WorkerSettings {
+            workers: config.workers,
+            lease: config.lease(),
+            kill_grace: Duration::from_secs(config.kill_grace_secs),
+            max_output_bytes: config.max_output_bytes,
+            poll_interval: Duration::from_millis(config.poll_interval_ms),
+            drain: Duration::from_secs(config.shutdown_grace_secs),
+        },
+        replica,
+    );
+
+    let state = AppState {
+        keys: keys.clone(),
+        projects: Arc::new(ProjectService::new(
+            projects_repo,
+            clock.clone(),
+            config.executor,
+        )),
+        audit: Arc::new(AuditService::new(ports.audit)),
+        commands,
+        follow,
+        metrics,
+        client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
+        probe: Arc::new(storage.clone()),
+        shutdown: shutdown.clone(),
+        sse_keep_alive: Duration::from_secs(config.sse_keepalive_secs),
+    };
+    Ok(App {
+        listener,
+        router: http::router(state),
+        shutdown,
+        storage,
+        keys,
+        workers,
+        bootstrap_key,
+    })
+}
+
+/// A lease owner name unique to this process.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "rdev".into());
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &nonce[..8])
+}
+
+/// Binds the configured address, builds the app, prints a generated bootstrap key once, and
+/// serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartupError> {
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
+    let app = build(config, listener).await?;
+    if let Some(key) = &app.bootstrap_key {
+        eprintln!(
+            "\nrdev-api: created the first admin API key. It is shown only this once; store it now:\n\n    {key}\n"
+        );
+    }
+    tracing::info!(address = %app.local_addr(), "rdev-api listening");
+    let shutdown = app.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received");
+        shutdown.cancel();
+    });
+    app.run().await
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler works on unix");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,35 @@
+//! The capabilities the services need, as small async traits spoken in domain types. Adapters
+//! implement them; services hold them as `Arc<dyn Port>`.
+
+pub mod api_keys;
+pub mod audit;
+pub mod clock;
+pub mod commands;
+pub mod error;
+pub mod executor;
+pub mod metrics;
+pub mod output;
+pub mod projects;
+
+pub use api_keys::ApiKeyRepository;
+pub use audit::{AuditFilter, AuditLog};
+pub use clock::Clock;
+pub use commands::{
+    Claim, CommandFilter, CommandQueue, CommandStore, IdempotencyKey, ProjectLoad, QueueSummary,
+    Submission, SubmitOutcome,
+};
+pub use error::PortError;
+pub use executor::{ExecRequest, Execution, Executor};
+pub use metrics::CommandMetrics;
+pub use output::{
+    BusEvent, OutputBus, OutputProgress, OutputStore, Received, Relay, RemoteHint, RemoteInbox,
+    Subscription, WorkSignal,
+};
+pub use projects::ProjectRepository;
+
+/// A page of results and the cursor of the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}

@@ -1,0 +1,115 @@
+//! Storage of commands and the queue that hands them to workers.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{Page, PortError};
+use crate::domain::audit::{AuditContext, NewAuditEvent};
+use crate::domain::command::{Command, CommandOutcome, CommandStatus, Priority};
+use crate::domain::ids::{ApiKeyId, CommandId, ProjectId};
+
+/// Everything `submit` writes in its one transaction.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub command: Command,
+    pub audit: NewAuditEvent,
+    pub idempotency: Option<IdempotencyKey>,
+    /// Refuse (`SubmitOutcome::QueueFull`) when this many commands are already queued.
+    pub max_queued: u64,
+}
+
+/// A client-chosen key that makes a repeated submit return the first command.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub api_key: ApiKeyId,
+    pub key: String,
+    /// Hash of the request body: the same key with another body is a conflict.
+    pub request_hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum SubmitOutcome {
+    Created(Command),
+    /// The idempotency key was seen before with the same request.
+    Existing(Command),
+    QueueFull {
+        queued: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub project_id: Option<ProjectId>,
+    /// Restrict to these projects (the caller's reach); `None` is all.
+    pub projects: Option<Vec<ProjectId>>,
+    pub status: Option<CommandStatus>,
+    /// Return commands older than this one (newest first paging).
+    pub before: Option<CommandId>,
+    pub limit: u32,
+}
+
+/// Queue depth and load, for `GET /queue` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    pub queued_by_priority: Vec<(Priority, u64)>,
+    pub running: u64,
+    pub per_project: Vec<ProjectLoad>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectLoad {
+    pub project_id: ProjectId,
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// What the API side does with commands.
+#[async_trait]
+pub trait CommandStore: Send + Sync {
+    async fn submit(&self, submission: Submission) -> Result<SubmitOutcome, PortError>;
+    async fn get(&self, id: CommandId) -> Result<Command, PortError>;
+    async fn list(&self, filter: &CommandFilter) -> Result<Page<Command>, PortError>;
+    /// 1-based place in the claim order, `None` unless queued.
+    async fn position(&self, id: CommandId) -> Result<Option<u64>, PortError>;
+    async fn summary(&self, projects: Option<&[ProjectId]>) -> Result<QueueSummary, PortError>;
+    /// Cancels a queued command at once (returns it `cancelled`), or flags a running one for its
+    /// worker. A finished command is a `Conflict`.
+    async fn request_cancel(
+        &self,
+        id: CommandId,
+        audit: NewAuditEvent,
+    ) -> Result<Command, PortError>;
+}
+
+/// A claimed command and how long its lease lasts.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub command: Command,
+    pub lease_until: OffsetDateTime,
+}
+
+/// What workers do with the queue.
+#[async_trait]
+pub trait CommandQueue: Send + Sync {
+    /// Takes the highest-priority, oldest queued command whose project has a free slot, marks it
+    /// running under `owner`'s lease. `None` when nothing is claimable.
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Claim>, PortError>;
+    /// Extends the leases of `owner`'s running commands; returns those whose cancel was requested.
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[CommandId],
+        lease: Duration,
+    ) -> Result<Vec<CommandId>, PortError>;
+    /// Writes the final state with its audit event and frees the project slot.
+    async fn finish(
+        &self,
+        id: CommandId,
+        outcome: &CommandOutcome,
+        audit: NewAuditEvent,
+    ) -> Result<Command, PortError>;
+    /// Marks running commands whose lease ran out as `lost` (never re-run) and returns them.
+    async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError>;
+}

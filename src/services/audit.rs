@@ -1,0 +1,36 @@
+//! Reading and verifying the audit trail.
+
+use std::sync::Arc;
+
+use crate::domain::api_key::Scope;
+use crate::domain::audit::{AuditEvent, ChainReport};
+use crate::ports::{AuditFilter, AuditLog, Page};
+
+use super::{Caller, ServiceError};
+
+pub const MAX_PAGE: u32 = 500;
+
+pub struct AuditService {
+    log: Arc<dyn AuditLog>,
+}
+
+impl AuditService {
+    pub fn new(log: Arc<dyn AuditLog>) -> Self {
+        Self { log }
+    }
+
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        mut filter: AuditFilter,
+    ) -> Result<Page<AuditEvent>, ServiceError> {
+        caller.require(Scope::Admin)?;
+        filter.limit = filter.limit.clamp(1, MAX_PAGE);
+        Ok(self.log.list(&filter).await?)
+    }
+
+    pub async fn verify(&self, caller: &Caller) -> Result<ChainReport, ServiceError> {
+        caller.require(Scope::Admin)?;
+        Ok(self.log.verify().await?)
+    }
+}

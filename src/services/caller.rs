@@ -1,0 +1,36 @@
+//! The authenticated caller of a use case: which key, what it may do, where it came from.
+
+use crate::domain::api_key::{Scope, Scopes};
+use crate::domain::audit::AuditContext;
+use crate::domain::ids::{ApiKeyId, ProjectId};
+
+use super::ServiceError;
+
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: ApiKeyId,
+    pub key_name: String,
+    pub scopes: Scopes,
+    /// Projects the key may see; empty means all.
+    pub project_ids: Vec<ProjectId>,
+    pub context: AuditContext,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> Result<(), ServiceError> {
+        if self.scopes.allows(scope) {
+            Ok(())
+        } else {
+            Err(ServiceError::MissingScope(scope))
+        }
+    }
+
+    pub fn can_access(&self, project: ProjectId) -> bool {
+        self.project_ids.is_empty() || self.project_ids.contains(&project)
+    }
+
+    /// The projects a listing must be restricted to, `None` for all.
+    pub fn reach(&self) -> Option<&[ProjectId]> {
+        (!self.project_ids.is_empty()).then_some(self.project_ids.as_slice())
+    }
+}

@@ -1,0 +1,55 @@
+//! What a use case reports. The HTTP adapter maps each variant to one problem type.
+
+use crate::domain::api_key::{KeyRejection, Scope};
+use crate::domain::{DomainError, FieldError};
+use crate::ports::PortError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid input")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Unauthenticated(KeyRejection),
+    #[error("this API key lacks the `{0}` scope")]
+    MissingScope(Scope),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the queue is full ({queued} commands waiting)")]
+    QueueFull { queued: u64, retry_after_secs: u64 },
+    #[error("too many open event streams")]
+    TooManyStreams,
+    #[error("a backend is unavailable")]
+    Unavailable(#[source] PortError),
+    #[error("internal error")]
+    Internal(#[source] PortError),
+}
+
+impl From<DomainError> for ServiceError {
+    fn from(error: DomainError) -> Self {
+        match error {
+            DomainError::Invalid(fields) => ServiceError::Invalid(fields),
+            DomainError::InvalidTransition { .. } => ServiceError::Conflict(error.to_string()),
+        }
+    }
+}
+
+impl ServiceError {
+    /// Translates a port failure, naming the resource in a `NotFound`.
+    pub fn from_port(error: PortError, what: &'static str) -> Self {
+        match error {
+            PortError::NotFound => ServiceError::NotFound(what),
+            PortError::Conflict(message) => ServiceError::Conflict(message),
+            PortError::Unavailable(_) => ServiceError::Unavailable(error),
+            PortError::Backend(_) => ServiceError::Internal(error),
+        }
+    }
+}
+
+/// `?` on a port call inside a service: unknown rows become a generic `NotFound`.
+impl From<PortError> for ServiceError {
+    fn from(error: PortError) -> Self {
+        ServiceError::from_port(error, "resource")
+    }
+}

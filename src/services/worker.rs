@@ -1,0 +1,355 @@
+//! Queue workers: claim a command, run it with the project's executor, record its output, and
+//! write how it ended. Also the reaper that turns expired leases into `lost` commands.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::audit::{AuditContext, NewAuditEvent, action};
+use crate::domain::command::{Command, CommandOutcome, CommandStatus, TerminationReason};
+use crate::domain::project::{ExecutorKind, Project};
+use crate::ports::{
+    BusEvent, Claim, Clock, CommandMetrics, CommandQueue, ExecRequest, Execution, Executor,
+    OutputBus, OutputProgress, OutputStore, ProjectRepository, Received, WorkSignal,
+};
+
+use super::recorder::{OutputRecorder, RecorderPorts};
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub workers: usize,
+    pub lease: Duration,
+    pub kill_grace: Duration,
+    pub max_output_bytes: u64,
+    /// How long an idle worker sleeps before polling the queue again without a wake-up.
+    pub poll_interval: Duration,
+    /// After shutdown is requested, how long running commands may go on before they are stopped.
+    pub drain: Duration,
+}
+
+pub struct WorkerPorts {
+    pub queue: Arc<dyn CommandQueue>,
+    pub projects: Arc<dyn ProjectRepository>,
+    pub output: Arc<dyn OutputStore>,
+    pub bus: Arc<dyn OutputBus>,
+    pub work: Arc<dyn WorkSignal>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<dyn CommandMetrics>,
+    pub local: Arc<dyn Executor>,
+    /// `None` where no Kubernetes executor is configured: such projects' commands fail to start.
+    pub kube: Option<Arc<dyn Executor>>,
+}
+
+/// The workers of one replica.
+pub struct WorkerPool {
+    ports: WorkerPorts,
+    settings: WorkerSettings,
+    /// Lease owner name, unique per process.
+    owner: String,
+    active: AtomicUsize,
+}
+
+impl WorkerPool {
+    pub fn new(ports: WorkerPorts, settings: WorkerSettings, owner: String) -> Arc<Self> {
+        Arc::new(Self {
+            ports,
+            settings,
+            owner,
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    /// Commands running on this replica now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Runs the workers and the reaper until `shutdown`; then lets running commands finish for
+    /// the drain period and stops the rest.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let stop_running = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for index in 0..self.settings.workers {
+            let pool = self.clone();
+            let (shutdown, stop_running) = (shutdown.clone(), stop_running.clone());
+            tasks.spawn(async move { pool.work_loop(index, shutdown, stop_running).await });
+        }
+        let reaper = tokio::spawn(self.clone().reap_loop(shutdown.clone()));
+        shutdown.cancelled().await;
+        let drained = tokio::time::timeout(self.settings.drain, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                active = self.active(),
+                "drain period over, stopping running commands"
+            );
+            stop_running.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        reaper.abort();
+    }
+
+    async fn work_loop(
+        &self,
+        index: usize,
+        shutdown: CancellationToken,
+        stop_running: CancellationToken,
+    ) {
+        while !shutdown.is_cancelled() {
+            match self
+                .ports
+                .queue
+                .claim(&self.owner, self.settings.lease)
+                .await
+            {
+                Ok(Some(claim)) => self.run_claimed(claim, &stop_running).await,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = self.ports.work.wait(self.settings.poll_interval) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(worker = index, error = %error, "claiming failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reap_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = (self.settings.lease / 2).max(Duration::from_millis(500));
+        loop {
+            match self
+                .ports
+                .queue
+                .expire_leases(&AuditContext::system())
+                .await
+            {
+                Ok(lost) => {
+                    for command in &lost {
+                        tracing::warn!(command = %command.id, "lease expired: command marked lost");
+                        self.ports
+                            .bus
+                            .publish(command.id, BusEvent::Status(CommandStatus::Lost))
+                            .await;
+                    }
+                    if !lost.is_empty() {
+                        self.ports.work.announce().await;
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "expiring leases failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    async fn run_claimed(&self, claim: Claim, stop_running: &CancellationToken) {
+        let command = claim.command;
+        let id = command.id;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.ports.metrics.command_started();
+        let started = Instant::now();
+        tracing::info!(command = %id, project = %command.project_id, "command started");
+        self.ports
+            .bus
+            .publish(id, BusEvent::Status(CommandStatus::Running))
+            .await;
+
+        let outcome = match self.start(&command).await {
+            Ok(execution) => self.supervise(&command, execution, stop_running).await,
+            Err(error) => {
+                tracing::warn!(command = %id, %error, "command could not be started");
+                self.outcome(
+                    None,
+                    Some(TerminationReason::StartFailed),
+                    Some(error),
+                    OutputProgress::default(),
+                )
+            }
+        };
+        let audit = NewAuditEvent::new(
+            &AuditContext::system(),
+            self.ports.clock.now(),
+            action::COMMAND_FINISHED,
+            ("command", id.to_string()),
+            json!({
+                "status": outcome.status.as_str(),
+                "exit_code": outcome.exit_code,
+                "termination_reason": outcome.reason.as_str(),
+                "stdout_bytes": outcome.stdout_bytes,
+                "stderr_bytes": outcome.stderr_bytes,
+            }),
+        );
+        match self.ports.queue.finish(id, &outcome, audit).await {
+            Ok(_) => tracing::info!(
+                command = %id,
+                status = outcome.status.as_str(),
+                exit_code = ?outcome.exit_code,
+                "command finished"
+            ),
+            Err(error) => {
+                tracing::error!(command = %id, %error, "recording the end of a command failed")
+            }
+        }
+        self.ports
+            .bus
+            .publish(id, BusEvent::Status(outcome.status))
+            .await;
+        self.ports
+            .metrics
+            .command_finished(outcome.status, started.elapsed());
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.ports.work.announce().await;
+    }
+
+    async fn start(&self, command: &Command) -> Result<Box<dyn Execution>, String> {
+        let project = self
+            .ports
+            .projects
+            .get(command.project_id)
+            .await
+            .map_err(|e| format!("project unavailable: {e}"))?;
+        let executor = self.executor_for(&project)?;
+        let env = project
+            .env
+            .iter()
+            .chain(command.env.iter())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let request = ExecRequest {
+            command_id: command.id,
+            command: command.command.as_str().to_owned(),
+            workdir: project.workdir.as_str().to_owned(),
+            env,
+            target: project.target.clone(),
+        };
+        executor.start(request).await.map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            message
+        })
+    }
+
+    fn executor_for(&self, project: &Project) -> Result<&Arc<dyn Executor>, String> {
+        match project.executor {
+            ExecutorKind::Local => Ok(&self.ports.local),
+            ExecutorKind::Kube => self
+                .ports
+                .kube
+                .as_ref()
+                .ok_or_else(|| "the kube executor is not configured on this server".to_owned()),
+        }
+    }
+
+    /// Streams output until the process is done, enforcing the timeout, cancel requests, the
+    /// lease heartbeat and the shutdown deadline.
+    async fn supervise(
+        &self,
+        command: &Command,
+        mut execution: Box<dyn Execution>,
+        stop_running: &CancellationToken,
+    ) -> CommandOutcome {
+        let id = command.id;
+        let mut events = self.ports.bus.subscribe(id);
+        let mut recorder = OutputRecorder::start(
+            id,
+            self.settings.max_output_bytes,
+            RecorderPorts {
+                store: self.ports.output.clone(),
+                bus: self.ports.bus.clone(),
+                metrics: self.ports.metrics.clone(),
+            },
+        );
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(command.timeout_secs.into());
+        let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
+        heartbeat.tick().await;
+        let mut stopped_by = command
+            .cancel_requested
+            .then_some(TerminationReason::Cancel);
+        if stopped_by.is_some() {
+            execution.terminate(self.settings.kill_grace).await;
+        }
+        loop {
+            let reason = tokio::select! {
+                output = execution.next_output() => match output {
+                    Some((stream, bytes)) => {
+                        recorder.record(stream, &bytes).await;
+                        None
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline), if stopped_by.is_none() => {
+                    Some(TerminationReason::Timeout)
+                }
+                received = events.next(), if stopped_by.is_none() => match received {
+                    Received::Event(BusEvent::CancelRequested) => Some(TerminationReason::Cancel),
+                    _ => None,
+                },
+                _ = stop_running.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Cancel),
+                _ = heartbeat.tick() => {
+                    match self.ports.queue.renew_leases(&self.owner, &[id], self.settings.lease).await {
+                        Ok(cancelled) if cancelled.contains(&id) && stopped_by.is_none() => {
+                            Some(TerminationReason::Cancel)
+                        }
+                        Ok(_) => None,
+                        Err(error) => {
+                            tracing::warn!(command = %id, %error, "lease renewal failed");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(reason) = reason {
+                tracing::info!(command = %id, reason = reason.as_str(), "stopping command");
+                stopped_by = Some(reason);
+                execution.terminate(self.settings.kill_grace).await;
+            }
+        }
+        let exit = execution.wait().await;
+        let progress = recorder.finish().await;
+        match exit {
+            Ok(code) => self.outcome(code, stopped_by, None, progress),
+            Err(error) => self.outcome(None, stopped_by, Some(error.to_string()), progress),
+        }
+    }
+
+    fn outcome(
+        &self,
+        exit_code: Option<i32>,
+        stopped_by: Option<TerminationReason>,
+        error: Option<String>,
+        progress: OutputProgress,
+    ) -> CommandOutcome {
+        let (status, reason) = CommandOutcome::status_for(exit_code, stopped_by);
+        CommandOutcome {
+            status,
+            exit_code,
+            reason,
+            error,
+            finished_at: self.ports.clock.now(),
+            stdout_bytes: progress.stdout_bytes,
+            stderr_bytes: progress.stderr_bytes,
+            dropped_bytes: progress.dropped_bytes,
+            truncated: progress.truncated,
+            last_seq: progress.last_seq,
+        }
+    }
+}
