@@ -841,7 +841,7 @@ macro_rules! sql_repositories {
             }
 
             async fn request_cancel(&self, id: CommandId, audit: NewAuditEvent) -> Result<Command, PortError> {
-                let now = time::OffsetDateTime::now_utc();
+                let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
                 let mut tx = self.begin().await?;
                 let cancelled = sqlx::query(&format!(
                     "UPDATE commands SET status = 'cancelled', termination_reason = 'cancel', finished_at = $2 \
@@ -907,7 +907,7 @@ macro_rules! sql_repositories {
                         tx.rollback().await.map_err(db)?;
                         continue;
                     }
-                    let now = time::OffsetDateTime::now_utc();
+                    let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
                     let lease_until = now + lease;
                     let row = sqlx::query(&format!(
                         "UPDATE commands SET status = 'running', started_at = $2, lease_owner = $3, \
@@ -933,7 +933,7 @@ macro_rules! sql_repositories {
                 ids: &[CommandId],
                 lease: std::time::Duration,
             ) -> Result<Vec<CommandId>, PortError> {
-                let until = time::OffsetDateTime::now_utc() + lease;
+                let until = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc()) + lease;
                 let mut cancelled = Vec::new();
                 for id in ids {
                     let flag: Option<bool> = sqlx::query_scalar(
@@ -991,7 +991,7 @@ macro_rules! sql_repositories {
             }
 
             async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError> {
-                let now = time::OffsetDateTime::now_utc();
+                let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
                 let mut tx = self.begin().await?;
                 let rows = sqlx::query(&format!(
                     "UPDATE commands SET status = 'lost', termination_reason = 'lost', finished_at = $1, \

@@ -120,11 +120,11 @@ impl CommandStatus {
     /// The lifecycle as a state machine.
     pub fn transition(self, to: CommandStatus) -> Result<CommandStatus, DomainError> {
         use CommandStatus::*;
-        let allowed = match (self, to) {
-            (Queued, Running | Cancelled) => true,
-            (Running, Succeeded | Failed | Cancelled | TimedOut | Lost) => true,
-            _ => false,
-        };
+        let allowed = matches!(
+            (self, to),
+            (Queued, Running | Cancelled)
+                | (Running, Succeeded | Failed | Cancelled | TimedOut | Lost)
+        );
         if allowed {
             Ok(to)
         } else {

@@ -2,16 +2,19 @@
 
 use time::OffsetDateTime;
 
+use crate::domain::audit::truncate_to_micros;
+
 pub trait Clock: Send + Sync {
     fn now(&self) -> OffsetDateTime;
 }
 
-/// The wall clock.
+/// The wall clock, in UTC, to the microsecond: the precision both databases store, so a value
+/// reads back exactly as it was written.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
+        truncate_to_micros(OffsetDateTime::now_utc())
     }
 }

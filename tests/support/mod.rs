@@ -1,0 +1,389 @@
+//! Test harness: a real server on a random port against a fresh database (a temporary SQLite
+//! file, or a new Postgres database), spoken to over HTTP.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use rdev_api::config::{Config, Secret};
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The admin key every test server is bootstrapped with.
+pub const ADMIN_KEY: &str = "rdev_testadmn_0123456789abcdefghijklmnopqrstuv";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Stamps each listed test body (`async fn name(backend: Backend)`) for both backends.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database that lives as long as the test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    /// `None` when the backend is Postgres and it cannot be reached outside CI (the test is then
+    /// skipped with a note); under `CI=true` an unreachable Postgres fails the test.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("rdev.db").display());
+                Some(TestDb {
+                    url,
+                    _dir: Some(dir),
+                    pg_name: None,
+                })
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = admin_url();
+                let connected = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    sqlx::PgConnection::connect(&admin),
+                )
+                .await;
+                let mut conn = match connected {
+                    Ok(Ok(conn)) => conn,
+                    other => {
+                        let why = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        if std::env::var("CI").is_ok_and(|v| v == "true") {
+                            panic!("Postgres at DATABASE_URL is unreachable under CI: {why}");
+                        }
+                        eprintln!("SKIPPED: Postgres unreachable ({why}); set DATABASE_URL");
+                        return None;
+                    }
+                };
+                let name = format!("rdev_t_{}", uuid::Uuid::new_v4().simple());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let base = admin
+                    .rsplit_once('/')
+                    .map_or(admin.as_str(), |(base, _)| base);
+                Some(TestDb {
+                    url: format!("{base}/{name}"),
+                    _dir: None,
+                    pg_name: Some(name),
+                })
+            }
+        }
+    }
+
+    /// A raw connection for tampering tests.
+    pub async fn execute(&self, sql: &str) {
+        use sqlx::Connection;
+        if self.url.starts_with("postgres") {
+            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs outside async context: use a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn test_config(db: &TestDb) -> Config {
+    let mut config = Config::with_database(&db.url);
+    config.bootstrap_admin_key = Some(ADMIN_KEY.parse::<Secret>().unwrap());
+    config.workers = 4;
+    config.kill_grace_secs = 1;
+    config.shutdown_grace_secs = 1;
+    config.poll_interval_ms = 200;
+    config
+}
+
+/// A running server.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(db: &TestDb) -> TestServer {
+        Self::start_with(test_config(db)).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = rdev_api::app::build(config, listener)
+            .await
+            .expect("server builds");
+        let base = format!("http://{}", app.local_addr());
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(async move {
+            app.run().await.expect("server runs");
+        });
+        TestServer {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Graceful stop, waiting for the drain to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, path: &str, key: &str) -> Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> Response {
+        self.client
+            .patch(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a key and returns (id, secret).
+    pub async fn create_key(&self, body: Value) -> (String, String) {
+        let response = self.post("/api/v1/api-keys", ADMIN_KEY, body).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let key: Value = response.json().await.unwrap();
+        (
+            key["id"].as_str().unwrap().to_owned(),
+            key["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Creates a local project in a fresh directory and returns its id.
+    pub async fn create_project(&self, name: &str, extra: Value) -> String {
+        let mut body = json!({"name": name, "workdir": "/tmp", "executor": "local"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let response = self.post("/api/v1/projects", ADMIN_KEY, body).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "{}",
+            response.text().await.unwrap()
+        );
+        let project: Value = response.json().await.unwrap();
+        project["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Submits a command and returns its id.
+    pub async fn submit(&self, project: &str, body: Value) -> String {
+        let response = self
+            .post(
+                &format!("/api/v1/projects/{project}/commands"),
+                ADMIN_KEY,
+                body,
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::ACCEPTED,
+            "{}",
+            response.text().await.unwrap()
+        );
+        let command: Value = response.json().await.unwrap();
+        command["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn command(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/commands/{id}"), ADMIN_KEY)
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until the command reaches `status` (or any final status when `None`).
+    pub async fn wait_for(&self, id: &str, status: Option<&str>, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let command = self.command(id).await;
+            let current = command["status"].as_str().unwrap().to_owned();
+            let done = match status {
+                Some(wanted) => current == wanted,
+                None => !matches!(current.as_str(), "queued" | "running"),
+            };
+            if done {
+                return command;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "command {id} stuck in {current}, wanted {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens the SSE stream of a command.
+    pub async fn events(
+        &self,
+        id: &str,
+        last_event_id: Option<i64>,
+    ) -> impl Stream<Item = Event> + Unpin + use<> {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/v1/commands/{id}/events")))
+            .bearer_auth(ADMIN_KEY)
+            .timeout(Duration::from_secs(300));
+        if let Some(last) = last_event_id {
+            request = request.header("Last-Event-ID", last.to_string());
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Box::pin(
+            response
+                .bytes_stream()
+                .eventsource()
+                .map(|e| e.expect("well-formed SSE")),
+        )
+    }
+
+    /// Reads a stream up to and including the `end` event.
+    pub async fn events_until_end(&self, id: &str, last_event_id: Option<i64>) -> Vec<Event> {
+        let mut stream = self.events(id, last_event_id).await;
+        let mut events = Vec::new();
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("an event within 120 s")
+        {
+            let end = event.event == "end";
+            events.push(event);
+            if end {
+                break;
+            }
+        }
+        events
+    }
+}
+
+/// The output text of SSE `output` events, per stream (`stdout`, `stderr`).
+pub fn output_of(events: &[Event], stream: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "output")
+        .map(|e| serde_json::from_str::<Value>(&e.data).unwrap())
+        .filter(|v| v["stream"] == stream)
+        .map(|v| v["data"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub async fn problem(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:rdev:problem:")
+    );
+    assert!(body["title"].is_string());
+    body
+}
