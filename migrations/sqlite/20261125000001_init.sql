@@ -71,6 +71,7 @@ CREATE TABLE commands (
 CREATE INDEX commands_queue ON commands (priority DESC, seq) WHERE status = 'queued';
 CREATE INDEX commands_running_lease ON commands (lease_expires_at) WHERE status = 'running';
 CREATE INDEX commands_project ON commands (project_id, seq);
+CREATE INDEX commands_project_queue ON commands (project_id, priority DESC, seq) WHERE status = 'queued';
 
 CREATE TABLE command_output (
     command_id  BLOB NOT NULL REFERENCES commands(id) ON DELETE CASCADE,

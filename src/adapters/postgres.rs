@@ -195,6 +195,6 @@ impl WireHint {
 sql_repositories!(
     PgStore,
     Postgres,
-    claim_lock = "FOR UPDATE OF c SKIP LOCKED",
+    claim_lock = "FOR UPDATE SKIP LOCKED",
     audit_lock = "SELECT pg_advisory_xact_lock(7262011)"
 );

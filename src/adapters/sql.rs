@@ -271,8 +271,8 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 
 /// Implements every repository port whose SQL both dialects accept for a store type that has
 /// `fn reader(&self) -> &Pool<DB>` and `async fn begin(&self) -> Result<Transaction<'static, DB>,
-/// PortError>`. `claim_lock` is appended to the claim's candidate query (Postgres: `FOR UPDATE
-/// OF c SKIP LOCKED`); `audit_lock` serialises audit appends (Postgres: an advisory lock).
+/// PortError>`. `claim_lock` is appended to the query that picks the claimed command (Postgres: `FOR
+/// UPDATE SKIP LOCKED`); `audit_lock` serialises audit appends (Postgres: an advisory lock).
 macro_rules! sql_repositories {
     ($store:ident, $db:ident, claim_lock = $claim_lock:literal, audit_lock = $audit_lock:literal) => {
         mod repositories {
@@ -881,20 +881,20 @@ macro_rules! sql_repositories {
         #[async_trait::async_trait]
         impl CommandQueue for $store {
             async fn claim(&self, owner: &str, lease: std::time::Duration) -> Result<Option<Claim>, PortError> {
-                // A project that fills up between the candidate read and the slot update makes the
-                // attempt retry with the next candidate.
+                // The project slot is taken first: its row lock serialises claims within a project,
+                // so the command picked next is the project's best, strictly in order. A project
+                // that filled up meanwhile makes the attempt retry.
                 for _ in 0..8 {
                     let mut tx = self.begin().await?;
-                    let candidate: Option<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(concat!(
-                        "SELECT c.id, c.project_id FROM commands c JOIN projects p ON p.id = c.project_id \
+                    let project: Option<uuid::Uuid> = sqlx::query_scalar(
+                        "SELECT c.project_id FROM commands c JOIN projects p ON p.id = c.project_id \
                          WHERE c.status = 'queued' AND p.running_commands < p.max_concurrency \
-                         ORDER BY c.priority DESC, c.seq LIMIT 1 ",
-                        $claim_lock
-                    ))
+                         ORDER BY c.priority DESC, c.seq LIMIT 1",
+                    )
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
-                    let Some((id, project)) = candidate else { return Ok(None) };
+                    let Some(project) = project else { return Ok(None) };
                     let slot = sqlx::query(
                         "UPDATE projects SET running_commands = running_commands + 1 \
                          WHERE id = $1 AND running_commands < max_concurrency",
@@ -907,6 +907,19 @@ macro_rules! sql_repositories {
                         tx.rollback().await.map_err(db)?;
                         continue;
                     }
+                    let next: Option<uuid::Uuid> = sqlx::query_scalar(concat!(
+                        "SELECT id FROM commands WHERE project_id = $1 AND status = 'queued' \
+                         ORDER BY priority DESC, seq LIMIT 1 ",
+                        $claim_lock
+                    ))
+                    .bind(project)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    let Some(id) = next else {
+                        tx.rollback().await.map_err(db)?;
+                        continue;
+                    };
                     let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
                     let lease_until = now + lease;
                     let row = sqlx::query(&format!(

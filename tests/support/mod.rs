@@ -190,6 +190,19 @@ impl TestServer {
         }
     }
 
+    /// A client for a server running elsewhere.
+    pub fn detached(base: String) -> TestServer {
+        TestServer {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            shutdown: CancellationToken::new(),
+            handle: None,
+        }
+    }
+
     /// Graceful stop, waiting for the drain to finish.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
