@@ -67,15 +67,13 @@ async fn output_streams_in_order_with_exit_status(backend: Backend) {
     assert_eq!(end["status"], "succeeded");
     assert_eq!(end["exit_code"], 0);
     assert_eq!(events.iter().filter(|e| e.event == "end").count(), 1);
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.event == "status")
-            .last()
-            .map(json_data)
-            .unwrap()["status"],
-        "succeeded"
-    );
+    let last_status = events
+        .iter()
+        .rev()
+        .find(|e| e.event == "status")
+        .map(json_data)
+        .unwrap();
+    assert_eq!(last_status["status"], "succeeded");
 
     let stored = server
         .get(

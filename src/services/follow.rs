@@ -52,6 +52,7 @@ pub struct StreamLimiter {
 pub struct StreamPermit {
     limiter: Arc<StreamLimiter>,
     key: ApiKeyId,
+    command: CommandId,
 }
 
 impl StreamLimiter {
@@ -68,7 +69,11 @@ impl StreamLimiter {
         })
     }
 
-    pub fn acquire(self: &Arc<Self>, key: ApiKeyId) -> Result<StreamPermit, ServiceError> {
+    pub fn acquire(
+        self: &Arc<Self>,
+        key: ApiKeyId,
+        command: CommandId,
+    ) -> Result<StreamPermit, ServiceError> {
         let mut open = self
             .open
             .lock()
@@ -81,9 +86,11 @@ impl StreamLimiter {
         *total += 1;
         *of_key += 1;
         self.metrics.stream_opened();
+        tracing::info!(%command, %key, open = *total, "SSE connection opened");
         Ok(StreamPermit {
             limiter: self.clone(),
             key,
+            command,
         })
     }
 }
@@ -104,6 +111,7 @@ impl Drop for StreamPermit {
             }
         }
         self.limiter.metrics.stream_closed();
+        tracing::info!(command = %self.command, key = %self.key, open = *total, "SSE connection closed");
     }
 }
 
@@ -214,7 +222,7 @@ impl FollowService {
         after: i64,
     ) -> Result<impl Stream<Item = FollowEvent> + Send + use<>, ServiceError> {
         self.commands.visible(caller, id).await?;
-        let permit = self.limiter.acquire(caller.key_id)?;
+        let permit = self.limiter.acquire(caller.key_id, id)?;
         // Subscribe before the first read: whatever is published afterwards is not missed.
         let subscription = self.bus.subscribe(id);
         let follower = Follower {

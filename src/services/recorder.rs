@@ -75,6 +75,7 @@ enum Record {
 
 /// Numbers, caps and forwards the output of one running command.
 pub struct OutputRecorder {
+    command: CommandId,
     cap: u64,
     stored: u64,
     progress: OutputProgress,
@@ -97,6 +98,7 @@ impl OutputRecorder {
         let (records, rx) = mpsc::channel(WRITER_BACKLOG);
         let writer = tokio::spawn(write_batches(command, rx, ports.store, ports.bus));
         Self {
+            command,
             cap,
             stored: 0,
             progress: OutputProgress::default(),
@@ -151,6 +153,12 @@ impl OutputRecorder {
             self.send(Record::Chunk(chunk, self.progress)).await;
         }
         if overflow > 0 {
+            // Operators count runaway commands with `grep "output line"` (high-memory runbook).
+            tracing::warn!(
+                command = %self.command,
+                cap = self.cap,
+                "output limit reached: further output lines are counted and dropped"
+            );
             self.progress.dropped_bytes += overflow as i64;
             self.progress.truncated = true;
             self.send(Record::Truncated(self.progress)).await;

@@ -28,7 +28,7 @@ use crate::services::commands::{QueuedCommand, SubmitCommand};
 use crate::services::follow::FollowEvent;
 
 use super::AppState;
-use super::extract::{ApiJson, ApiPath, ApiQuery, Credentials};
+use super::extract::{ApiJson, ApiPath, ApiQuery, LastEventId, StreamCaller};
 use super::problem::{ApiError, Problem};
 
 /// Reconnect delay suggested to SSE clients.
@@ -373,51 +373,11 @@ async fn create_stream_token(
     responses((status = 200, content_type = "text/event-stream"), (status = 404, body = Problem), (status = 503, body = Problem)))]
 async fn command_events(
     State(state): State<AppState>,
-    credentials: Credentials,
+    StreamCaller(caller): StreamCaller,
     ApiPath(id): ApiPath<CommandId>,
-    ApiQuery(query): ApiQuery<EventsQuery>,
-    headers: HeaderMap,
+    LastEventId(after): LastEventId,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let caller = match (&query.token, credentials.presented.is_some()) {
-        (Some(token), false) => {
-            let key = state.follow.token_key(token, id).ok_or(ApiError::Service(
-                crate::services::ServiceError::Unauthenticated(
-                    crate::domain::api_key::KeyRejection::Invalid,
-                ),
-            ))?;
-            state
-                .keys
-                .authenticate_as(key, credentials.client_ip, credentials.context)
-                .await?
-        }
-        _ => {
-            state
-                .keys
-                .authenticate(
-                    credentials.presented.as_deref(),
-                    credentials.client_ip,
-                    credentials.context,
-                )
-                .await?
-        }
-    };
-    let resume_from = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(query.last_event_id);
-    let after =
-        match resume_from {
-            None => 0,
-            Some(raw) => raw.trim().parse::<i64>().ok().filter(|n| *n >= 0).ok_or(
-                ApiError::BadParameter {
-                    what: "Last-Event-ID",
-                    detail: format!("`{raw}` is not an output sequence number"),
-                },
-            )?,
-        };
     let events = state.follow.follow(&caller, id, after).await?;
-    tracing::info!(command = %id, key = %caller.key_id, after, "SSE connection opened");
     let shutdown = state.shutdown.clone();
     let stream = events
         .enumerate()

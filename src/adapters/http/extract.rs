@@ -12,8 +12,10 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
 use crate::domain::FieldError;
+use crate::domain::api_key::KeyRejection;
 use crate::domain::audit::AuditContext;
-use crate::services::Caller;
+use crate::domain::ids::CommandId;
+use crate::services::{Caller, ServiceError};
 
 use super::AppState;
 use super::problem::ApiError;
@@ -236,6 +238,84 @@ impl FromRequestParts<AppState> for Caller {
                 credentials.context,
             )
             .await?)
+    }
+}
+
+/// The caller of an event stream: an API key as usual, or (for `EventSource`, which cannot set
+/// headers) a `?token=` issued for this very command.
+pub struct StreamCaller(pub Caller);
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+impl FromRequestParts<AppState> for StreamCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let credentials = Credentials::from_request_parts(parts, state).await?;
+        let token = axum::extract::Query::<TokenQuery>::from_request_parts(parts, state)
+            .await
+            .ok()
+            .and_then(|axum::extract::Query(q)| q.token);
+        let (Some(token), None) = (token, &credentials.presented) else {
+            return Caller::from_request_parts(parts, state)
+                .await
+                .map(StreamCaller);
+        };
+        let ApiPath(command) = ApiPath::<CommandId>::from_request_parts(parts, state).await?;
+        let key = state
+            .follow
+            .token_key(&token, command)
+            .ok_or(ApiError::Service(ServiceError::Unauthenticated(
+                KeyRejection::Invalid,
+            )))?;
+        let caller = state
+            .keys
+            .authenticate_as(key, credentials.client_ip, credentials.context)
+            .await?;
+        Ok(StreamCaller(caller))
+    }
+}
+
+/// Where an event stream resumes: the `Last-Event-ID` header, else `?last_event_id=`, else 0.
+pub struct LastEventId(pub i64);
+
+#[derive(serde::Deserialize)]
+struct LastEventQuery {
+    last_event_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let from_header = parts
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let raw = match from_header {
+            Some(raw) => Some(raw),
+            None => axum::extract::Query::<LastEventQuery>::from_request_parts(parts, state)
+                .await
+                .ok()
+                .and_then(|axum::extract::Query(q)| q.last_event_id),
+        };
+        match raw {
+            None => Ok(LastEventId(0)),
+            Some(raw) => raw
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(LastEventId)
+                .ok_or(ApiError::BadParameter {
+                    what: "Last-Event-ID",
+                    detail: format!("`{raw}` is not an output sequence number"),
+                }),
+        }
     }
 }
 
