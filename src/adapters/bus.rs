@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 
+use crate::domain::command::CommandStatus;
 use crate::domain::ids::CommandId;
 use crate::ports::{
     BusEvent, OutputBus, Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
@@ -16,7 +17,8 @@ use crate::ports::{
 
 /// Events one command's ring holds; a follower further behind than this reads the store.
 const RING_CAPACITY: usize = 256;
-/// Output hints to other replicas are sent at most this often per command.
+/// Hints to other replicas are sent together at most this often: a NOTIFY takes a global lock
+/// at commit, so one per event would serialise every replica on it.
 const HINT_INTERVAL: Duration = Duration::from_millis(20);
 
 type Rings = Mutex<HashMap<CommandId, broadcast::Sender<BusEvent>>>;
@@ -25,8 +27,41 @@ pub struct InProcessBus {
     rings: Arc<Rings>,
     work: Notify,
     relay: Option<Arc<dyn Relay>>,
-    /// Highest stored sequence per command not yet hinted to other replicas.
-    unsent_stored: Mutex<HashMap<CommandId, i64>>,
+    unsent: Mutex<UnsentHints>,
+}
+
+/// Hints waiting for the next flush, coalesced: the highest stored sequence per command, the
+/// latest status per command, cancels, and whether there is new work at all.
+#[derive(Default)]
+struct UnsentHints {
+    stored: HashMap<CommandId, i64>,
+    status: HashMap<CommandId, CommandStatus>,
+    cancel: Vec<CommandId>,
+    work: bool,
+}
+
+impl UnsentHints {
+    fn take(&mut self) -> Vec<RemoteHint> {
+        let mut hints: Vec<RemoteHint> = self
+            .stored
+            .drain()
+            .map(|(command, last_seq)| RemoteHint::Stored { command, last_seq })
+            .collect();
+        hints.extend(
+            self.status
+                .drain()
+                .map(|(command, status)| RemoteHint::Status { command, status }),
+        );
+        hints.extend(
+            self.cancel
+                .drain(..)
+                .map(|command| RemoteHint::Cancel { command }),
+        );
+        if std::mem::take(&mut self.work) {
+            hints.push(RemoteHint::Work);
+        }
+        hints
+    }
 }
 
 impl InProcessBus {
@@ -47,7 +82,7 @@ impl InProcessBus {
             rings: Arc::new(Mutex::new(HashMap::new())),
             work: Notify::new(),
             relay,
-            unsent_stored: Mutex::new(HashMap::new()),
+            unsent: Mutex::new(UnsentHints::default()),
         }
     }
 
@@ -59,9 +94,10 @@ impl InProcessBus {
         }
     }
 
-    async fn relay(&self, hint: RemoteHint) {
-        if let Some(relay) = &self.relay {
-            relay.send(vec![hint]).await;
+    /// Queues a hint for the next flush (nothing to do without a relay).
+    fn relay(&self, add: impl FnOnce(&mut UnsentHints)) {
+        if self.relay.is_some() {
+            add(&mut self.unsent.lock().expect("bus lock is never poisoned"));
         }
     }
 
@@ -77,15 +113,11 @@ async fn flush_hints(bus: Weak<InProcessBus>) {
     loop {
         tick.tick().await;
         let Some(bus) = bus.upgrade() else { return };
-        let hints: Vec<_> = std::mem::take(
-            &mut *bus
-                .unsent_stored
-                .lock()
-                .expect("bus lock is never poisoned"),
-        )
-        .into_iter()
-        .map(|(command, last_seq)| RemoteHint::Stored { command, last_seq })
-        .collect();
+        let hints = bus
+            .unsent
+            .lock()
+            .expect("bus lock is never poisoned")
+            .take();
         if let (false, Some(relay)) = (hints.is_empty(), &bus.relay) {
             relay.send(hints).await;
         }
@@ -95,30 +127,19 @@ async fn flush_hints(bus: Weak<InProcessBus>) {
 #[async_trait]
 impl OutputBus for InProcessBus {
     async fn publish(&self, command: CommandId, event: BusEvent) {
-        let hint = match &event {
-            BusEvent::Output(chunk) => {
-                if self.relay.is_some() {
-                    let mut unsent = self
-                        .unsent_stored
-                        .lock()
-                        .expect("bus lock is never poisoned");
-                    let last = unsent.entry(command).or_default();
-                    *last = (*last).max(chunk.seq);
-                }
-                None
-            }
-            BusEvent::Status(status) => Some(RemoteHint::Status {
-                command,
-                status: *status,
+        match &event {
+            BusEvent::Output(chunk) => self.relay(|unsent| {
+                let last = unsent.stored.entry(command).or_default();
+                *last = (*last).max(chunk.seq);
             }),
-            BusEvent::CancelRequested => Some(RemoteHint::Cancel { command }),
+            BusEvent::Status(status) => self.relay(|unsent| {
+                unsent.status.insert(command, *status);
+            }),
+            BusEvent::CancelRequested => self.relay(|unsent| unsent.cancel.push(command)),
             // Truncation is read from the command row by remote followers.
-            BusEvent::Truncated | BusEvent::Stored { .. } => None,
-        };
-        self.deliver_locally(command, event);
-        if let Some(hint) = hint {
-            self.relay(hint).await;
+            BusEvent::Truncated | BusEvent::Stored { .. } => {}
         }
+        self.deliver_locally(command, event);
     }
 
     fn subscribe(&self, command: CommandId) -> Box<dyn Subscription> {
@@ -139,7 +160,7 @@ impl OutputBus for InProcessBus {
 impl WorkSignal for InProcessBus {
     async fn announce(&self) {
         self.work.notify_one();
-        self.relay(RemoteHint::Work).await;
+        self.relay(|unsent| unsent.work = true);
     }
 
     async fn wait(&self, timeout: Duration) {

@@ -19,6 +19,7 @@ use crate::ports::{PortError, Relay, RemoteHint, RemoteInbox};
 use super::sql::{db, sql_repositories};
 
 const CHANNEL: &str = "rdev_events";
+const HINTS_PER_NOTIFY: usize = 60;
 
 pub struct PgStore {
     pool: PgPool,
@@ -100,9 +101,7 @@ async fn listen_once(
         match serde_json::from_str::<Envelope>(notification.payload()) {
             Ok(envelope) if envelope.origin != origin => {
                 for hint in envelope.hints {
-                    if let Some(hint) = hint.into_hint() {
-                        inbox.deliver(hint);
-                    }
+                    inbox.deliver(hint.into_hint());
                 }
             }
             Ok(_) => {}
@@ -120,16 +119,23 @@ pub struct PgRelay {
 #[async_trait]
 impl Relay for PgRelay {
     async fn send(&self, hints: Vec<RemoteHint>) {
-        let envelope = Envelope {
-            origin: self.origin.clone(),
-            hints: hints.iter().map(WireHint::from).collect(),
-        };
-        let payload = serde_json::to_string(&envelope).expect("hints always serialize");
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
+        // NOTIFY payloads are limited to 8000 bytes; a hint takes under 100.
+        let payloads: Vec<String> = hints
+            .chunks(HINTS_PER_NOTIFY)
+            .map(|chunk| {
+                let envelope = Envelope {
+                    origin: self.origin.clone(),
+                    hints: chunk.iter().map(WireHint::from).collect(),
+                };
+                serde_json::to_string(&envelope).expect("hints always serialize")
+            })
+            .collect();
+        if let Err(error) =
+            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                .bind(CHANNEL)
+                .bind(payloads)
+                .execute(&self.pool)
+                .await
         {
             tracing::warn!(%error, "NOTIFY failed; other replicas fall back to polling");
         }
@@ -176,8 +182,8 @@ impl From<&RemoteHint> for WireHint {
 }
 
 impl WireHint {
-    fn into_hint(self) -> Option<RemoteHint> {
-        Some(match self {
+    fn into_hint(self) -> RemoteHint {
+        match self {
             WireHint::Stored { c, s } => RemoteHint::Stored {
                 command: c,
                 last_seq: s,
@@ -188,7 +194,7 @@ impl WireHint {
             },
             WireHint::Cancel { c } => RemoteHint::Cancel { command: c },
             WireHint::Work => RemoteHint::Work,
-        })
+        }
     }
 }
 

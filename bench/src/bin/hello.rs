@@ -1,0 +1,13 @@
+//! The anchor of the HTTP scenario: a bare axum hello-world on the same runtime settings as
+//! rdev-api. Prints its address on stdout once it listens.
+
+use axum::Router;
+use axum::routing::get;
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let app = Router::new().route("/", get(|| async { "Hello, World!" }));
+    axum::serve(listener, app).await
+}
