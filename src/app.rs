@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -155,6 +156,12 @@ impl App {
         } = self;
         let worker_task = tokio::spawn(workers.run(shutdown.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
+        // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -3,11 +3,16 @@
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
     let app = Router::new().route("/", get(|| async { "Hello, World!" }));
+    // Same socket settings as rdev-api.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdev_api::adapters::bus::InProcessBus;
+use rdev_api::adapters::cache::CachedProjects;
 use rdev_api::adapters::postgres::PgStore;
 use rdev_api::adapters::telemetry::Metrics;
 use rdev_api::domain::audit::{AuditContext, NewAuditEvent, action};
@@ -97,7 +98,8 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
     let workers = WorkerPool::new(
         WorkerPorts {
             queue: store.clone(),
-            projects: store.clone(),
+            // As in the server: projects are read through the cache.
+            projects: Arc::new(CachedProjects::new(store.clone(), Duration::from_secs(30))),
             output: store.clone(),
             bus: bus.clone(),
             work: bus,
