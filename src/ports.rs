@@ -15,8 +15,8 @@ pub use api_keys::ApiKeyRepository;
 pub use audit::{AuditFilter, AuditLog};
 pub use clock::Clock;
 pub use commands::{
-    Claim, CommandFilter, CommandQueue, CommandStore, IdempotencyKey, ProjectLoad, QueueSummary,
-    Submission, SubmitOutcome,
+    Claim, CommandFilter, CommandQueue, CommandStore, Finished, IdempotencyKey, ProjectLoad,
+    QueueSummary, Submission, SubmitOutcome,
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};

@@ -201,6 +201,7 @@ impl WireHint {
 sql_repositories!(
     PgStore,
     Postgres,
+    row_lock = "FOR UPDATE",
     claim_lock = "FOR UPDATE SKIP LOCKED",
     audit_lock = "SELECT pg_advisory_xact_lock(7262011)"
 );

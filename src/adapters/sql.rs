@@ -274,7 +274,7 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 /// PortError>`. `claim_lock` is appended to the query that picks the claimed command (Postgres: `FOR
 /// UPDATE SKIP LOCKED`); `audit_lock` serialises audit appends (Postgres: an advisory lock).
 macro_rules! sql_repositories {
-    ($store:ident, $db:ident, claim_lock = $claim_lock:literal, audit_lock = $audit_lock:literal) => {
+    ($store:ident, $db:ident, row_lock = $row_lock:literal, claim_lock = $claim_lock:literal, audit_lock = $audit_lock:literal) => {
         mod repositories {
         use super::{$store, $db};
         use $crate::adapters::sql::{
@@ -284,12 +284,12 @@ macro_rules! sql_repositories {
         };
         use $crate::domain::api_key::ApiKey;
         use $crate::domain::audit::{AuditContext, AuditEvent, ChainReport, ChainVerifier, GENESIS_HASH, NewAuditEvent, action};
-        use $crate::domain::command::{Command, CommandOutcome, CommandStatus, OutputChunk, Priority};
+        use $crate::domain::command::{Command, CommandStatus, OutputChunk, Priority};
         use $crate::domain::ids::{ApiKeyId, CommandId, ProjectId};
         use $crate::domain::project::Project;
         use $crate::ports::{
             ApiKeyRepository, AuditFilter, AuditLog, Claim, CommandFilter, CommandQueue, CommandStore,
-            OutputProgress, OutputStore, Page, PortError, ProjectLoad, ProjectRepository, QueueSummary,
+            Finished, OutputProgress, OutputStore, Page, PortError, ProjectLoad, ProjectRepository, QueueSummary,
             Submission, SubmitOutcome,
         };
 
@@ -297,39 +297,55 @@ macro_rules! sql_repositories {
         const PROJECT_TAKEN: &str = "a project with this name already exists";
 
         impl $store {
-            async fn append_audit(
+            /// Appends events to the chain in order; the lock makes the read of the last hash and
+            /// the insert atomic with respect to every other appender.
+            async fn append_audits(
                 tx: &mut sqlx::Transaction<'static, $db>,
-                event: NewAuditEvent,
+                events: Vec<NewAuditEvent>,
             ) -> Result<(), PortError> {
+                if events.is_empty() {
+                    return Ok(());
+                }
                 sqlx::query($audit_lock).execute(&mut **tx).await.map_err(db)?;
                 let last: Option<(i64, String)> =
                     sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
                         .fetch_optional(&mut **tx)
                         .await
                         .map_err(db)?;
-                let (seq, prev) = last.map_or((1, GENESIS_HASH.to_owned()), |(seq, hash)| (seq + 1, hash));
-                let sealed = event.seal(seq, &prev);
-                sqlx::query(&format!(
-                    "INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-                ))
-                .bind(sealed.seq)
-                .bind(sealed.id.as_uuid())
-                .bind(sealed.at)
-                .bind(sealed.actor.map(|a| a.as_uuid()))
-                .bind(sealed.client_ip)
-                .bind(sealed.request_id)
-                .bind(sealed.trace_id)
-                .bind(sealed.action)
-                .bind(sealed.target_type)
-                .bind(sealed.target_id)
-                .bind(sealed.outcome)
-                .bind(sealed.details)
-                .bind(sealed.prev_hash)
-                .bind(sealed.hash)
-                .execute(&mut **tx)
-                .await
-                .map_err(db)?;
+                let (mut seq, mut prev) = last.map_or((1, GENESIS_HASH.to_owned()), |(seq, hash)| (seq + 1, hash));
+                let mut sealed = Vec::with_capacity(events.len());
+                for event in &events {
+                    let row = event.seal(seq, &prev);
+                    seq += 1;
+                    prev = row.hash.clone();
+                    sealed.push(row);
+                }
+                let mut insert = sqlx::QueryBuilder::<$db>::new(format!("INSERT INTO audit_log ({AUDIT_COLUMNS}) "));
+                insert.push_values(sealed, |mut row, event| {
+                    row.push_bind(event.seq)
+                        .push_bind(event.id.as_uuid())
+                        .push_bind(event.at)
+                        .push_bind(event.actor.map(|a| a.as_uuid()))
+                        .push_bind(event.client_ip)
+                        .push_bind(event.request_id)
+                        .push_bind(event.trace_id)
+                        .push_bind(event.action)
+                        .push_bind(event.target_type)
+                        .push_bind(event.target_id)
+                        .push_bind(event.outcome)
+                        .push_bind(event.details)
+                        .push_bind(event.prev_hash)
+                        .push_bind(event.hash);
+                });
+                insert.build().execute(&mut **tx).await.map_err(db)?;
                 Ok(())
+            }
+
+            async fn append_audit(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                event: NewAuditEvent,
+            ) -> Result<(), PortError> {
+                Self::append_audits(tx, vec![event]).await
             }
 
             async fn write_allowed_ips(
@@ -364,20 +380,24 @@ macro_rules! sql_repositories {
                 key_from_row(&row, &ips).map(Some)
             }
 
-            async fn finish_in(
+            /// Gives back project slots of commands that left `running`.
+            async fn free_slots(
                 tx: &mut sqlx::Transaction<'static, $db>,
-                command: &Command,
-                audit: NewAuditEvent,
+                commands: &[Command],
             ) -> Result<(), PortError> {
-                sqlx::query(
-                    "UPDATE projects SET running_commands = running_commands - 1 \
-                     WHERE id = $1 AND running_commands > 0",
-                )
-                .bind(command.project_id.as_uuid())
-                .execute(&mut **tx)
-                .await
-                .map_err(db)?;
-                Self::append_audit(tx, audit).await
+                let mut per_project: std::collections::BTreeMap<uuid::Uuid, i64> = Default::default();
+                for command in commands {
+                    *per_project.entry(command.project_id.as_uuid()).or_default() += 1;
+                }
+                for (project, freed) in per_project {
+                    sqlx::query("UPDATE projects SET running_commands = running_commands - $2 WHERE id = $1")
+                        .bind(project)
+                        .bind(freed)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db)?;
+                }
+                Ok(())
             }
         }
 
@@ -880,11 +900,20 @@ macro_rules! sql_repositories {
 
         #[async_trait::async_trait]
         impl CommandQueue for $store {
-            async fn claim(&self, owner: &str, lease: std::time::Duration) -> Result<Option<Claim>, PortError> {
-                // The project slot is taken first: its row lock serialises claims within a project,
-                // so the command picked next is the project's best, strictly in order. A project
-                // that filled up meanwhile makes the attempt retry.
+            async fn claim(
+                &self,
+                owner: &str,
+                lease: std::time::Duration,
+                limit: usize,
+            ) -> Result<Vec<Claim>, PortError> {
+                // A project's row is locked before its commands are picked: claims within a project
+                // are serialised, so they take its commands strictly in order. A project that
+                // filled up meanwhile makes the attempt retry with the next one.
+                let mut claimed = Vec::new();
                 for _ in 0..8 {
+                    if claimed.len() >= limit {
+                        break;
+                    }
                     let mut tx = self.begin().await?;
                     let project: Option<uuid::Uuid> = sqlx::query_scalar(
                         "SELECT c.project_id FROM commands c JOIN projects p ON p.id = c.project_id \
@@ -894,50 +923,63 @@ macro_rules! sql_repositories {
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
-                    let Some(project) = project else { return Ok(None) };
-                    let slot = sqlx::query(
-                        "UPDATE projects SET running_commands = running_commands + 1 \
-                         WHERE id = $1 AND running_commands < max_concurrency",
-                    )
-                    .bind(project)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    if slot.rows_affected() == 0 {
-                        tx.rollback().await.map_err(db)?;
-                        continue;
-                    }
-                    let next: Option<uuid::Uuid> = sqlx::query_scalar(concat!(
-                        "SELECT id FROM commands WHERE project_id = $1 AND status = 'queued' \
-                         ORDER BY priority DESC, seq LIMIT 1 ",
-                        $claim_lock
+                    let Some(project) = project else { break };
+                    let free: Option<i64> = sqlx::query_scalar(concat!(
+                        "SELECT max_concurrency - running_commands FROM projects WHERE id = $1 ",
+                        $row_lock
                     ))
                     .bind(project)
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
-                    let Some(id) = next else {
+                    let take = free.unwrap_or(0).min((limit - claimed.len()) as i64);
+                    if take <= 0 {
                         tx.rollback().await.map_err(db)?;
                         continue;
-                    };
-                    let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
-                    let lease_until = now + lease;
-                    let row = sqlx::query(&format!(
-                        "UPDATE commands SET status = 'running', started_at = $2, lease_owner = $3, \
-                         lease_expires_at = $4 WHERE id = $1 RETURNING {COMMAND_COLUMNS}"
+                    }
+                    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(concat!(
+                        "SELECT id FROM commands WHERE project_id = $1 AND status = 'queued' \
+                         ORDER BY priority DESC, seq LIMIT $2 ",
+                        $claim_lock
                     ))
-                    .bind(id)
-                    .bind(now)
-                    .bind(owner)
-                    .bind(lease_until)
-                    .fetch_one(&mut *tx)
+                    .bind(project)
+                    .bind(take)
+                    .fetch_all(&mut *tx)
                     .await
                     .map_err(db)?;
-                    let command = command_from_row(&row)?;
+                    if ids.is_empty() {
+                        tx.rollback().await.map_err(db)?;
+                        continue;
+                    }
+                    sqlx::query("UPDATE projects SET running_commands = running_commands + $2 WHERE id = $1")
+                        .bind(project)
+                        .bind(ids.len() as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
+                    let lease_until = now + lease;
+                    let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE commands SET status = 'running', started_at = ");
+                    update
+                        .push_bind(now)
+                        .push(", lease_owner = ")
+                        .push_bind(owner)
+                        .push(", lease_expires_at = ")
+                        .push_bind(lease_until)
+                        .push(" WHERE id IN (");
+                    let mut list = update.separated(", ");
+                    for id in &ids {
+                        list.push_bind(*id);
+                    }
+                    update.push(format!(") RETURNING {COMMAND_COLUMNS}"));
+                    let rows = update.build().fetch_all(&mut *tx).await.map_err(db)?;
+                    let mut commands = rows.iter().map(command_from_row).collect::<Result<Vec<_>, _>>()?;
                     tx.commit().await.map_err(db)?;
-                    return Ok(Some(Claim { command, lease_until }));
+                    // Start them in claim order.
+                    commands.sort_by_key(|c| ids.iter().position(|id| *id == c.id.as_uuid()));
+                    claimed.extend(commands.into_iter().map(|command| Claim { command, lease_until }));
                 }
-                Ok(None)
+                Ok(claimed)
             }
 
             async fn renew_leases(
@@ -966,42 +1008,53 @@ macro_rules! sql_repositories {
                 Ok(cancelled)
             }
 
-            async fn finish(
-                &self,
-                id: CommandId,
-                outcome: &CommandOutcome,
-                audit: NewAuditEvent,
-            ) -> Result<Command, PortError> {
-                CommandStatus::Running
-                    .transition(outcome.status)
-                    .map_err(|e| PortError::Conflict(e.to_string()))?;
+            async fn finish(&self, batch: &[Finished]) -> Result<Vec<Result<Command, PortError>>, PortError> {
                 let mut tx = self.begin().await?;
-                let row = sqlx::query(&format!(
-                    "UPDATE commands SET status = $2, exit_code = $3, termination_reason = $4, error = $5, \
-                     finished_at = $6, stdout_bytes = $7, stderr_bytes = $8, dropped_bytes = $9, \
-                     truncated = $10, last_seq = $11, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $1 AND status = 'running' RETURNING {COMMAND_COLUMNS}"
-                ))
-                .bind(id.as_uuid())
-                .bind(outcome.status.as_str())
-                .bind(outcome.exit_code.map(i64::from))
-                .bind(outcome.reason.as_str())
-                .bind(outcome.error.as_deref())
-                .bind(outcome.finished_at)
-                .bind(outcome.stdout_bytes)
-                .bind(outcome.stderr_bytes)
-                .bind(outcome.dropped_bytes)
-                .bind(outcome.truncated)
-                .bind(outcome.last_seq)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?
-                .ok_or_else(|| PortError::Conflict("the command is no longer running".into()))?;
-                let command = command_from_row(&row)?;
-                Self::finish_in(&mut tx, &command, audit).await?;
+                let mut results = Vec::with_capacity(batch.len());
+                let mut ended = Vec::with_capacity(batch.len());
+                let mut audits = Vec::with_capacity(batch.len());
+                for item in batch {
+                    if let Err(error) = CommandStatus::Running.transition(item.outcome.status) {
+                        results.push(Err(PortError::Conflict(error.to_string())));
+                        continue;
+                    }
+                    let outcome = &item.outcome;
+                    let row = sqlx::query(&format!(
+                        "UPDATE commands SET status = $2, exit_code = $3, termination_reason = $4, error = $5, \
+                         finished_at = $6, stdout_bytes = $7, stderr_bytes = $8, dropped_bytes = $9, \
+                         truncated = $10, last_seq = $11, lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE id = $1 AND status = 'running' RETURNING {COMMAND_COLUMNS}"
+                    ))
+                    .bind(item.id.as_uuid())
+                    .bind(outcome.status.as_str())
+                    .bind(outcome.exit_code.map(i64::from))
+                    .bind(outcome.reason.as_str())
+                    .bind(outcome.error.as_deref())
+                    .bind(outcome.finished_at)
+                    .bind(outcome.stdout_bytes)
+                    .bind(outcome.stderr_bytes)
+                    .bind(outcome.dropped_bytes)
+                    .bind(outcome.truncated)
+                    .bind(outcome.last_seq)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    match row {
+                        Some(row) => {
+                            let command = command_from_row(&row)?;
+                            ended.push(command.clone());
+                            audits.push(item.audit.clone());
+                            results.push(Ok(command));
+                        }
+                        None => results.push(Err(PortError::Conflict("the command is no longer running".into()))),
+                    }
+                }
+                Self::free_slots(&mut tx, &ended).await?;
+                Self::append_audits(&mut tx, audits).await?;
                 tx.commit().await.map_err(db)?;
-                Ok(command)
+                Ok(results)
             }
+
 
             async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError> {
                 let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
@@ -1017,16 +1070,20 @@ macro_rules! sql_repositories {
                 .await
                 .map_err(db)?;
                 let lost = rows.iter().map(command_from_row).collect::<Result<Vec<_>, _>>()?;
-                for command in &lost {
-                    let audit = NewAuditEvent::new(
-                        context,
-                        now,
-                        action::COMMAND_FINISHED,
-                        ("command", command.id.to_string()),
-                        serde_json::json!({"status": "lost", "termination_reason": "lost"}),
-                    );
-                    Self::finish_in(&mut tx, command, audit).await?;
-                }
+                let audits = lost
+                    .iter()
+                    .map(|command| {
+                        NewAuditEvent::new(
+                            context,
+                            now,
+                            action::COMMAND_FINISHED,
+                            ("command", command.id.to_string()),
+                            serde_json::json!({"status": "lost", "termination_reason": "lost"}),
+                        )
+                    })
+                    .collect();
+                Self::free_slots(&mut tx, &lost).await?;
+                Self::append_audits(&mut tx, audits).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(lost)
             }

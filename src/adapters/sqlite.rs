@@ -69,6 +69,7 @@ impl SqliteStore {
 sql_repositories!(
     SqliteStore,
     Sqlite,
+    row_lock = "",
     claim_lock = "",
     audit_lock = "SELECT 1"
 );

@@ -90,12 +90,25 @@ pub struct Claim {
     pub lease_until: OffsetDateTime,
 }
 
+/// A command's end as a worker reports it, with the audit event written alongside.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub id: CommandId,
+    pub outcome: CommandOutcome,
+    pub audit: NewAuditEvent,
+}
+
 /// What workers do with the queue.
 #[async_trait]
 pub trait CommandQueue: Send + Sync {
-    /// Takes the highest-priority, oldest queued command whose project has a free slot, marks it
-    /// running under `owner`'s lease. `None` when nothing is claimable.
-    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Claim>, PortError>;
+    /// Takes up to `limit` of the highest-priority, oldest queued commands whose projects have
+    /// free slots, marks them running under `owner`'s lease. Empty when nothing is claimable.
+    async fn claim(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claim>, PortError>;
     /// Extends the leases of `owner`'s running commands; returns those whose cancel was requested.
     async fn renew_leases(
         &self,
@@ -103,13 +116,12 @@ pub trait CommandQueue: Send + Sync {
         ids: &[CommandId],
         lease: Duration,
     ) -> Result<Vec<CommandId>, PortError>;
-    /// Writes the final state with its audit event and frees the project slot.
+    /// Writes final states with their audit events and frees their project slots, in one
+    /// transaction. Each item fails alone (`Conflict`) when its command is no longer running.
     async fn finish(
         &self,
-        id: CommandId,
-        outcome: &CommandOutcome,
-        audit: NewAuditEvent,
-    ) -> Result<Command, PortError>;
+        batch: &[Finished],
+    ) -> Result<Vec<Result<Command, PortError>>, PortError>;
     /// Marks running commands whose lease ran out as `lost` (never re-run) and returns them.
     async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError>;
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +15,7 @@ use crate::domain::command::{Command, CommandOutcome, CommandStatus, Termination
 use crate::domain::project::{ExecutorKind, Project};
 use crate::ports::{
     BusEvent, Claim, Clock, CommandMetrics, CommandQueue, ExecRequest, Execution, Executor,
-    OutputBus, OutputProgress, OutputStore, ProjectRepository, Received, WorkSignal,
+    Finished, OutputBus, OutputProgress, OutputStore, ProjectRepository, Received, WorkSignal,
 };
 
 use super::recorder::{OutputRecorder, RecorderPorts};
@@ -44,13 +45,23 @@ pub struct WorkerPorts {
     pub kube: Option<Arc<dyn Executor>>,
 }
 
-/// The workers of one replica.
+/// The workers of one replica: one claimer takes as many commands as there are free worker
+/// slots in one transaction, each command runs in its own task, and one finisher writes the
+/// ends of whichever commands finished meanwhile in one transaction (group commit).
 pub struct WorkerPool {
     ports: WorkerPorts,
     settings: WorkerSettings,
     /// Lease owner name, unique per process.
     owner: String,
     active: AtomicUsize,
+}
+
+/// Finishes written per transaction at most.
+const MAX_FINISH_BATCH: usize = 128;
+
+struct FinishRequest {
+    finished: Finished,
+    reply: oneshot::Sender<Result<(), String>>,
 }
 
 impl WorkerPool {
@@ -68,20 +79,63 @@ impl WorkerPool {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Runs the workers and the reaper until `shutdown`; then lets running commands finish for
-    /// the drain period and stops the rest.
+    /// Runs the claimer, the finisher and the reaper until `shutdown`; then lets running
+    /// commands finish for the drain period and stops the rest.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let stop_running = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for index in 0..self.settings.workers {
-            let pool = self.clone();
-            let (shutdown, stop_running) = (shutdown.clone(), stop_running.clone());
-            tasks.spawn(async move { pool.work_loop(index, shutdown, stop_running).await });
-        }
+        let (finish_tx, finish_rx) = mpsc::channel(MAX_FINISH_BATCH * 2);
+        let finisher = tokio::spawn(self.clone().finish_loop(finish_rx));
         let reaper = tokio::spawn(self.clone().reap_loop(shutdown.clone()));
-        shutdown.cancelled().await;
+        let slots = Arc::new(Semaphore::new(self.settings.workers));
+        let mut running = JoinSet::new();
+        loop {
+            while running.try_join_next().is_some() {}
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            match self
+                .ports
+                .queue
+                .claim(&self.owner, self.settings.lease, permits.len())
+                .await
+            {
+                Ok(claims) if !claims.is_empty() => {
+                    for (claim, permit) in claims.into_iter().zip(permits) {
+                        let pool = self.clone();
+                        let (stop_running, finish_tx) = (stop_running.clone(), finish_tx.clone());
+                        running.spawn(async move {
+                            pool.run_claimed(claim, &stop_running, &finish_tx).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Ok(_) => {
+                    drop(permits);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = self.ports.work.wait(self.settings.poll_interval) => {}
+                    }
+                }
+                Err(error) => {
+                    drop(permits);
+                    tracing::warn!(error = %error, "claiming failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
         let drained = tokio::time::timeout(self.settings.drain, async {
-            while tasks.join_next().await.is_some() {}
+            while running.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
@@ -90,36 +144,30 @@ impl WorkerPool {
                 "drain period over, stopping running commands"
             );
             stop_running.cancel();
-            while tasks.join_next().await.is_some() {}
+            while running.join_next().await.is_some() {}
         }
+        drop(finish_tx);
+        let _ = finisher.await;
         reaper.abort();
     }
 
-    async fn work_loop(
-        &self,
-        index: usize,
-        shutdown: CancellationToken,
-        stop_running: CancellationToken,
-    ) {
-        while !shutdown.is_cancelled() {
-            match self
-                .ports
-                .queue
-                .claim(&self.owner, self.settings.lease)
-                .await
-            {
-                Ok(Some(claim)) => self.run_claimed(claim, &stop_running).await,
-                Ok(None) => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = self.ports.work.wait(self.settings.poll_interval) => {}
+    /// Writes finished commands in batches: whatever arrived while the last batch was written.
+    async fn finish_loop(self: Arc<Self>, mut requests: mpsc::Receiver<FinishRequest>) {
+        let mut batch = Vec::with_capacity(MAX_FINISH_BATCH);
+        while requests.recv_many(&mut batch, MAX_FINISH_BATCH).await > 0 {
+            let items: Vec<Finished> = batch.iter().map(|r| r.finished.clone()).collect();
+            match self.ports.queue.finish(&items).await {
+                Ok(results) => {
+                    for (request, result) in batch.drain(..).zip(results) {
+                        let _ = request
+                            .reply
+                            .send(result.map(drop).map_err(|e| e.to_string()));
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(worker = index, error = %error, "claiming failed; backing off");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    let message = error.to_string();
+                    for request in batch.drain(..) {
+                        let _ = request.reply.send(Err(message.clone()));
                     }
                 }
             }
@@ -156,7 +204,12 @@ impl WorkerPool {
         }
     }
 
-    async fn run_claimed(&self, claim: Claim, stop_running: &CancellationToken) {
+    async fn run_claimed(
+        &self,
+        claim: Claim,
+        stop_running: &CancellationToken,
+        finisher: &mpsc::Sender<FinishRequest>,
+    ) {
         let command = claim.command;
         let id = command.id;
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -193,8 +246,23 @@ impl WorkerPool {
                 "stderr_bytes": outcome.stderr_bytes,
             }),
         );
-        match self.ports.queue.finish(id, &outcome, audit).await {
-            Ok(_) => tracing::info!(
+        let (reply, written) = oneshot::channel();
+        let request = FinishRequest {
+            finished: Finished {
+                id,
+                outcome: outcome.clone(),
+                audit,
+            },
+            reply,
+        };
+        let result = match finisher.send(request).await {
+            Ok(()) => written
+                .await
+                .unwrap_or_else(|_| Err("the finisher stopped".into())),
+            Err(_) => Err("the finisher stopped".into()),
+        };
+        match result {
+            Ok(()) => tracing::info!(
                 command = %id,
                 status = outcome.status.as_str(),
                 exit_code = ?outcome.exit_code,
