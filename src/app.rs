@@ -123,6 +123,8 @@ pub struct App {
     listener: TcpListener,
     router: axum::Router,
     shutdown: CancellationToken,
+    draining: CancellationToken,
+    drain_delay: Duration,
     storage: Storage,
     keys: Arc<ApiKeyService>,
     workers: Arc<WorkerPool>,
@@ -137,9 +139,16 @@ impl App {
             .expect("a bound listener has an address")
     }
 
-    /// Cancelling this token shuts the server down gracefully.
+    /// Cancelling this token shuts the server down gracefully, at once.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Cancelling this token starts draining: `/ready` answers 503 while requests are still
+    /// served for `RDEV_DRAIN_DELAY_SECS` (so load balancers stop sending traffic), then the
+    /// server shuts down.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.draining.clone()
     }
 
     /// Serves until the shutdown token is cancelled, then drains: stops accepting, ends event
@@ -149,11 +158,26 @@ impl App {
             listener,
             router,
             shutdown,
+            draining,
+            drain_delay,
             storage,
             keys,
             workers,
             ..
         } = self;
+        tokio::spawn({
+            let (draining, shutdown) = (draining.clone(), shutdown.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = draining.cancelled() => {
+                        tracing::info!(delay = ?drain_delay, "draining: /ready fails, requests still served");
+                        tokio::time::sleep(drain_delay).await;
+                        shutdown.cancel();
+                    }
+                }
+            }
+        });
         let worker_task = tokio::spawn(workers.run(shutdown.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
         // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
@@ -169,6 +193,7 @@ impl App {
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
         shutdown.cancel();
+        draining.cancel();
         tracing::info!("stopped accepting requests; draining workers");
         let _ = worker_task.await;
         let _ = usage_task.await;
@@ -197,6 +222,7 @@ async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: Cancellati
 /// returns a server bound to `listener`.
 pub async fn build(config: Config, listener: TcpListener) -> Result<App, StartupError> {
     let shutdown = CancellationToken::new();
+    let draining = CancellationToken::new();
     let storage = Storage::open(&config).await?;
     let ports = storage.ports();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -297,12 +323,15 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
         client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
         probe: Arc::new(storage.clone()),
         shutdown: shutdown.clone(),
+        draining: draining.clone(),
         sse_keep_alive: Duration::from_secs(config.sse_keepalive_secs),
     };
     Ok(App {
         listener,
         router: http::router(state),
         shutdown,
+        draining,
+        drain_delay: Duration::from_secs(config.drain_delay_secs),
         storage,
         keys,
         workers,
@@ -330,16 +359,31 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         );
     }
     tracing::info!(address = %app.local_addr(), "rdev-api listening");
-    let shutdown = app.shutdown_token();
+    let (shutdown, draining) = (app.shutdown_token(), app.drain_token());
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown signal received");
-        shutdown.cancel();
+        match wait_for_signal().await {
+            Signal::Terminate => {
+                tracing::info!("SIGTERM received");
+                draining.cancel();
+            }
+            Signal::Interrupt => {
+                tracing::info!("SIGINT received");
+                draining.cancel();
+                shutdown.cancel();
+            }
+        }
     });
     app.run().await
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    /// SIGTERM: an orchestrator asks to stop; drain first.
+    Terminate,
+    /// SIGINT (Ctrl-C): a person asks to stop; no delay.
+    Interrupt,
+}
+
+async fn wait_for_signal() -> Signal {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -347,10 +391,13 @@ async fn wait_for_signal() {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing a SIGTERM handler works on unix");
         tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            _ = interrupt => Signal::Interrupt,
+            _ = terminate.recv() => Signal::Terminate,
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    {
+        let _ = interrupt.await;
+        Signal::Interrupt
+    }
 }

@@ -155,6 +155,15 @@ pub struct Config {
     )]
     pub stream_token_secret: Option<Secret>,
 
+    /// Seconds between SIGTERM and closing the listener, while `/ready` already answers 503.
+    #[arg(
+        long,
+        env = "RDEV_DRAIN_DELAY_SECS",
+        value_name = "RDEV_DRAIN_DELAY_SECS",
+        default_value_t = 5
+    )]
+    pub drain_delay_secs: u64,
+
     /// Connections in the Postgres pool.
     #[arg(
         long,

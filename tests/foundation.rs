@@ -19,6 +19,7 @@ both_backends!(
     audit_records_admin_actions_and_detects_tampering,
     bad_requests_are_problem_details,
     operations_endpoints,
+    draining_fails_readiness_but_keeps_serving,
 );
 
 async fn api_key_lifecycle(backend: Backend) {
@@ -819,4 +820,35 @@ async fn operations_endpoints(backend: Backend) {
     }
     assert!(metrics.contains(r#"route="/api/v1/me""#));
     server.stop().await;
+}
+
+async fn draining_fails_readiness_but_keeps_serving(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let mut config = test_config(&db);
+    config.drain_delay_secs = 2;
+    let server = TestServer::start_with(config).await;
+    server.begin_drain();
+    let ready = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(ready, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(body["detail"].as_str().unwrap().contains("draining"));
+    assert_eq!(
+        server.get("/api/v1/me", ADMIN_KEY).await.status(),
+        StatusCode::OK
+    );
+    let client = reqwest::Client::new();
+    let health = server.url("/health");
+    tokio::time::timeout(Duration::from_secs(20), server.stopped())
+        .await
+        .expect("the server stops after the drain delay");
+    assert!(
+        client.get(health).send().await.is_err(),
+        "the listener is closed"
+    );
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{ADMIN_KEY, Backend, TestDb, TestServer, output_of, problem, test_config};
+use support::{
+    ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, output_of, problem, test_config,
+};
 
 both_backends!(
     output_streams_in_order_with_exit_status,
@@ -694,32 +696,8 @@ async fn crashed_server_leaves_running_commands_lost(backend: Backend) {
     let Some(db) = TestDb::new(backend).await else {
         return;
     };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rdev-api"))
-        .env("DATABASE_URL", &db.url)
-        .env("RDEV_LISTEN_ADDR", "127.0.0.1:0")
-        .env("RDEV_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
-        .env("RDEV_LEASE_SECS", "2")
-        .env("RDEV_LOG_FORMAT", "json")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
-    let address = loop {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("the server logs its address");
-        if let Ok(log) = serde_json::from_str::<Value>(&line)
-            && log["message"] == "rdev-api listening"
-        {
-            break log["address"].as_str().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let crashing = TestServer::detached(format!("http://{address}"));
+    let mut process = ServerProcess::start(&db, &[("RDEV_LEASE_SECS", "2")]).await;
+    let crashing = &process.server;
     let project = crashing
         .create_project("survivor", json!({"max_concurrency": 1}))
         .await;
@@ -732,7 +710,7 @@ async fn crashed_server_leaves_running_commands_lost(backend: Backend) {
     let waiting = crashing
         .submit(&project, json!({"command": "echo after the crash"}))
         .await;
-    child.kill().await.unwrap();
+    process.child.kill().await.unwrap();
 
     let mut config = test_config(&db);
     config.lease_secs = 2;

@@ -6,15 +6,17 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{ADMIN_KEY, Backend, TestDb, TestServer, output_of, test_config};
+use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, output_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_run_a_command_twice() {
     let Some(db) = TestDb::new(Backend::Postgres).await else {
         return;
     };
-    let a = TestServer::start(&db).await;
-    let b = TestServer::start(&db).await;
+    // Two real server processes.
+    let first = ServerProcess::start(&db, &[]).await;
+    let second = ServerProcess::start(&db, &[]).await;
+    let (a, b) = (&first.server, &second.server);
     let marks = tempfile::tempdir().unwrap();
     let mut projects = Vec::new();
     for name in ["alpha", "beta", "gamma"] {
@@ -55,8 +57,6 @@ async fn two_replicas_never_run_a_command_twice() {
         .await
         .unwrap();
     assert_eq!(verified["ok"], true, "{verified}");
-    a.stop().await;
-    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,10 +64,9 @@ async fn a_stream_on_one_replica_follows_a_command_running_on_another() {
     let Some(db) = TestDb::new(Backend::Postgres).await else {
         return;
     };
-    let runner = TestServer::start(&db).await;
-    let mut config = test_config(&db);
-    config.workers = 0;
-    let watcher = TestServer::start_with(config).await;
+    let runner_process = ServerProcess::start(&db, &[]).await;
+    let watcher_process = ServerProcess::start(&db, &[("RDEV_WORKERS", "0")]).await;
+    let (runner, watcher) = (&runner_process.server, &watcher_process.server);
     let project = runner.create_project("remote", json!({})).await;
     let id = watcher
         .submit(
@@ -115,6 +114,4 @@ async fn a_stream_on_one_replica_follows_a_command_running_on_another() {
         .wait_for(&sleeper, Some("cancelled"), Duration::from_secs(15))
         .await;
     assert_eq!(cancelled["termination_reason"], "cancel");
-    runner.stop().await;
-    watcher.stop().await;
 }

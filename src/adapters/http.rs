@@ -58,8 +58,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub client_ip: Arc<ClientIpResolver>,
     pub probe: Arc<dyn ReadinessProbe>,
-    /// Cancelled when the server starts draining: `/ready` fails and event streams end.
+    /// Cancelled when the server stops: event streams end.
     pub shutdown: CancellationToken,
+    /// Cancelled when the server starts draining: `/ready` fails.
+    pub draining: CancellationToken,
     pub sse_keep_alive: Duration,
 }
 

@@ -161,6 +161,7 @@ pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
+    drain: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -176,6 +177,7 @@ impl TestServer {
             .expect("server builds");
         let base = format!("http://{}", app.local_addr());
         let shutdown = app.shutdown_token();
+        let drain = app.drain_token();
         let handle = tokio::spawn(async move {
             app.run().await.expect("server runs");
         });
@@ -186,6 +188,7 @@ impl TestServer {
                 .build()
                 .unwrap(),
             shutdown,
+            drain,
             handle: Some(handle),
         }
     }
@@ -199,7 +202,20 @@ impl TestServer {
                 .build()
                 .unwrap(),
             shutdown: CancellationToken::new(),
+            drain: CancellationToken::new(),
             handle: None,
+        }
+    }
+
+    /// What SIGTERM does: start draining (the server stops by itself after the drain delay).
+    pub fn begin_drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Waits until the server has stopped by itself.
+    pub async fn stopped(mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
         }
     }
 
@@ -369,6 +385,49 @@ impl TestServer {
             }
         }
         events
+    }
+}
+
+/// An rdev-api process (the real binary) on a random port; killed on drop.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub server: TestServer,
+}
+
+impl ServerProcess {
+    pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> ServerProcess {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rdev-api"));
+        command
+            .env("DATABASE_URL", &db.url)
+            .env("RDEV_LISTEN_ADDR", "127.0.0.1:0")
+            .env("RDEV_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
+            .env("RDEV_LOG_FORMAT", "json")
+            .env("RDEV_POLL_INTERVAL_MS", "200")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        let address = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("the server starts within 30 s")
+                .unwrap()
+                .expect("the server logs its address");
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "rdev-api listening"
+            {
+                break log["address"].as_str().unwrap().to_owned();
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess {
+            child,
+            server: TestServer::detached(format!("http://{address}")),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -10,6 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::problem::{ApiError, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -31,23 +32,15 @@ async fn health() -> Json<HealthResponse> {
 
 /// Ready for traffic: storage answers, migrations applied, not draining.
 #[utoipa::path(get, path = "/ready", tag = "operations",
-    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
-    if state.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthResponse { status: "draining" }),
-        );
+    responses((status = 200, body = HealthResponse), (status = 503, body = Problem)))]
+async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
+    if state.draining.is_cancelled() {
+        return Err(ApiError::NotReady("draining"));
     }
     if !state.probe.storage_ready().await {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthResponse {
-                status: "storage unavailable",
-            }),
-        );
+        return Err(ApiError::NotReady("storage unavailable"));
     }
-    (StatusCode::OK, Json(HealthResponse { status: "ready" }))
+    Ok(Json(HealthResponse { status: "ready" }))
 }
 
 /// Prometheus metrics in the text exposition format.

@@ -55,6 +55,8 @@ pub enum ApiError {
     BadParameter { what: &'static str, detail: String },
     #[error("no such route")]
     RouteNotFound,
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
 }
 
 impl ApiError {
@@ -149,6 +151,7 @@ fn error_shape(error: &ApiError) -> Shape {
             "Invalid parameter",
         ),
         ApiError::RouteNotFound => shape(StatusCode::NOT_FOUND, "not-found", "Not found"),
+        ApiError::NotReady(_) => shape(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready"),
     }
 }
 
@@ -178,6 +181,7 @@ impl IntoResponse for ApiError {
             && !matches!(
                 self,
                 ApiError::Service(ServiceError::QueueFull { .. } | ServiceError::TooManyStreams)
+                    | ApiError::NotReady(_)
             );
         // A 5xx never carries driver text; the cause goes to the log instead.
         let detail = if server_side {
