@@ -12,11 +12,12 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::audit::truncate_to_micros;
 use crate::domain::command::CommandStatus;
 use crate::domain::ids::CommandId;
-use crate::ports::{PortError, Relay, RemoteHint, RemoteInbox};
+use crate::ports::{Claim, PortError, Relay, RemoteHint, RemoteInbox};
 
-use super::sql::{db, sql_repositories};
+use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
 const CHANNEL: &str = "rdev_events";
 const HINTS_PER_NOTIFY: usize = 60;
@@ -48,6 +49,72 @@ impl PgStore {
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, PortError> {
         self.pool.begin().await.map_err(db)
+    }
+
+    /// Claims in one statement (one round trip): pick the project of the best claimable
+    /// command, lock its row (claims within a project are serialised, so its commands go
+    /// strictly in order), take up to `limit` of its free slots with its best queued commands
+    /// (`SKIP LOCKED`), and mark them running.
+    async fn claim_batch(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claim>, PortError> {
+        let now = truncate_to_micros(time::OffsetDateTime::now_utc());
+        let lease_until = now + lease;
+        let rows = sqlx::query(&format!(
+            "WITH slot AS ( \
+                 SELECT p.id, GREATEST(LEAST(p.max_concurrency - p.running_commands, $1), 0) AS free \
+                 FROM projects p \
+                 WHERE p.id = (SELECT c.project_id FROM commands c JOIN projects q ON q.id = c.project_id \
+                               WHERE c.status = 'queued' AND q.running_commands < q.max_concurrency \
+                               ORDER BY c.priority DESC, c.seq LIMIT 1) \
+                 FOR UPDATE OF p \
+             ), picked AS ( \
+                 SELECT c.id, c.priority, c.seq FROM commands c \
+                 WHERE c.project_id = (SELECT id FROM slot) AND c.status = 'queued' \
+                 ORDER BY c.priority DESC, c.seq LIMIT (SELECT free FROM slot) \
+                 FOR UPDATE OF c SKIP LOCKED \
+             ), bump AS ( \
+                 UPDATE projects SET running_commands = running_commands + (SELECT COUNT(*) FROM picked) \
+                 WHERE id = (SELECT id FROM slot) \
+             ) \
+             UPDATE commands SET status = 'running', started_at = $2, lease_owner = $3, lease_expires_at = $4 \
+             FROM picked WHERE commands.id = picked.id \
+             RETURNING {}, picked.priority AS claim_priority, picked.seq AS claim_seq",
+            COMMAND_COLUMNS
+                .split(", ")
+                .map(|c| format!("commands.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind(limit as i64)
+        .bind(now)
+        .bind(owner)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut claimed: Vec<(i64, i64, Claim)> = rows
+            .iter()
+            .map(|row| {
+                let command = command_from_row(row)?;
+                let priority: i64 = sqlx::Row::try_get(row, "claim_priority").map_err(db)?;
+                let seq: i64 = sqlx::Row::try_get(row, "claim_seq").map_err(db)?;
+                Ok((
+                    priority,
+                    seq,
+                    Claim {
+                        command,
+                        lease_until,
+                    },
+                ))
+            })
+            .collect::<Result<_, PortError>>()?;
+        // Start them in claim order.
+        claimed.sort_by_key(|(priority, seq, _)| (std::cmp::Reverse(*priority), *seq));
+        Ok(claimed.into_iter().map(|(_, _, claim)| claim).collect())
     }
 
     pub async fn ping(&self) -> bool {
@@ -201,7 +268,5 @@ impl WireHint {
 sql_repositories!(
     PgStore,
     Postgres,
-    row_lock = "FOR UPDATE",
-    claim_lock = "FOR UPDATE SKIP LOCKED",
     audit_lock = "SELECT pg_advisory_xact_lock(7262011)"
 );

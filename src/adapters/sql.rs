@@ -270,11 +270,12 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 }
 
 /// Implements every repository port whose SQL both dialects accept for a store type that has
-/// `fn reader(&self) -> &Pool<DB>` and `async fn begin(&self) -> Result<Transaction<'static, DB>,
-/// PortError>`. `claim_lock` is appended to the query that picks the claimed command (Postgres: `FOR
-/// UPDATE SKIP LOCKED`); `audit_lock` serialises audit appends (Postgres: an advisory lock).
+/// `fn reader(&self) -> &Pool<DB>`, `fn writer(&self) -> &Pool<DB>`, `async fn begin(&self) ->
+/// Result<Transaction<'static, DB>, PortError>` and `async fn claim_batch(...)` (claiming is
+/// where the dialects differ most). `audit_lock` serialises audit appends (Postgres: an
+/// advisory lock).
 macro_rules! sql_repositories {
-    ($store:ident, $db:ident, row_lock = $row_lock:literal, claim_lock = $claim_lock:literal, audit_lock = $audit_lock:literal) => {
+    ($store:ident, $db:ident, audit_lock = $audit_lock:literal) => {
         mod repositories {
         use super::{$store, $db};
         use $crate::adapters::sql::{
@@ -906,80 +907,8 @@ macro_rules! sql_repositories {
                 lease: std::time::Duration,
                 limit: usize,
             ) -> Result<Vec<Claim>, PortError> {
-                // A project's row is locked before its commands are picked: claims within a project
-                // are serialised, so they take its commands strictly in order. A project that
-                // filled up meanwhile makes the attempt retry with the next one.
-                let mut claimed = Vec::new();
-                for _ in 0..8 {
-                    if claimed.len() >= limit {
-                        break;
-                    }
-                    let mut tx = self.begin().await?;
-                    let project: Option<uuid::Uuid> = sqlx::query_scalar(
-                        "SELECT c.project_id FROM commands c JOIN projects p ON p.id = c.project_id \
-                         WHERE c.status = 'queued' AND p.running_commands < p.max_concurrency \
-                         ORDER BY c.priority DESC, c.seq LIMIT 1",
-                    )
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    let Some(project) = project else { break };
-                    let free: Option<i64> = sqlx::query_scalar(concat!(
-                        "SELECT max_concurrency - running_commands FROM projects WHERE id = $1 ",
-                        $row_lock
-                    ))
-                    .bind(project)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    let take = free.unwrap_or(0).min((limit - claimed.len()) as i64);
-                    if take <= 0 {
-                        tx.rollback().await.map_err(db)?;
-                        continue;
-                    }
-                    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(concat!(
-                        "SELECT id FROM commands WHERE project_id = $1 AND status = 'queued' \
-                         ORDER BY priority DESC, seq LIMIT $2 ",
-                        $claim_lock
-                    ))
-                    .bind(project)
-                    .bind(take)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    if ids.is_empty() {
-                        tx.rollback().await.map_err(db)?;
-                        continue;
-                    }
-                    sqlx::query("UPDATE projects SET running_commands = running_commands + $2 WHERE id = $1")
-                        .bind(project)
-                        .bind(ids.len() as i64)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
-                    let lease_until = now + lease;
-                    let mut update = sqlx::QueryBuilder::<$db>::new("UPDATE commands SET status = 'running', started_at = ");
-                    update
-                        .push_bind(now)
-                        .push(", lease_owner = ")
-                        .push_bind(owner)
-                        .push(", lease_expires_at = ")
-                        .push_bind(lease_until)
-                        .push(" WHERE id IN (");
-                    let mut list = update.separated(", ");
-                    for id in &ids {
-                        list.push_bind(*id);
-                    }
-                    update.push(format!(") RETURNING {COMMAND_COLUMNS}"));
-                    let rows = update.build().fetch_all(&mut *tx).await.map_err(db)?;
-                    let mut commands = rows.iter().map(command_from_row).collect::<Result<Vec<_>, _>>()?;
-                    tx.commit().await.map_err(db)?;
-                    // Start them in claim order.
-                    commands.sort_by_key(|c| ids.iter().position(|id| *id == c.id.as_uuid()));
-                    claimed.extend(commands.into_iter().map(|command| Claim { command, lease_until }));
-                }
-                Ok(claimed)
+                // Each dialect claims its own way (see `claim_batch` in the adapter).
+                self.claim_batch(owner, lease, limit).await
             }
 
             async fn renew_leases(

@@ -10,9 +10,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use crate::ports::PortError;
+use crate::domain::audit::truncate_to_micros;
+use crate::ports::{Claim, PortError};
 
-use super::sql::{db, sql_repositories};
+use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -54,6 +55,95 @@ impl SqliteStore {
         self.writer.begin().await.map_err(db)
     }
 
+    /// Claims step by step inside one write transaction; the single writer connection makes
+    /// the steps atomic, so claims are serialised and take commands strictly in order.
+    async fn claim_batch(
+        &self,
+        owner: &str,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<Claim>, PortError> {
+        let mut claimed = Vec::new();
+        for _ in 0..8 {
+            if claimed.len() >= limit {
+                break;
+            }
+            let mut tx = self.begin().await?;
+            let project: Option<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT c.project_id FROM commands c JOIN projects p ON p.id = c.project_id \
+                 WHERE c.status = 'queued' AND p.running_commands < p.max_concurrency \
+                 ORDER BY c.priority DESC, c.seq LIMIT 1",
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            let Some(project) = project else { break };
+            let free: Option<i64> = sqlx::query_scalar(
+                "SELECT max_concurrency - running_commands FROM projects WHERE id = $1",
+            )
+            .bind(project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            let take = free.unwrap_or(0).min((limit - claimed.len()) as i64);
+            if take <= 0 {
+                tx.rollback().await.map_err(db)?;
+                continue;
+            }
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT id FROM commands WHERE project_id = $1 AND status = 'queued' \
+             ORDER BY priority DESC, seq LIMIT $2",
+            )
+            .bind(project)
+            .bind(take)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+            if ids.is_empty() {
+                tx.rollback().await.map_err(db)?;
+                continue;
+            }
+            sqlx::query(
+                "UPDATE projects SET running_commands = running_commands + $2 WHERE id = $1",
+            )
+            .bind(project)
+            .bind(ids.len() as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            let now = truncate_to_micros(time::OffsetDateTime::now_utc());
+            let lease_until = now + lease;
+            let mut update = sqlx::QueryBuilder::<Sqlite>::new(
+                "UPDATE commands SET status = 'running', started_at = ",
+            );
+            update
+                .push_bind(now)
+                .push(", lease_owner = ")
+                .push_bind(owner)
+                .push(", lease_expires_at = ")
+                .push_bind(lease_until)
+                .push(" WHERE id IN (");
+            let mut list = update.separated(", ");
+            for id in &ids {
+                list.push_bind(*id);
+            }
+            update.push(format!(") RETURNING {COMMAND_COLUMNS}"));
+            let rows = update.build().fetch_all(&mut *tx).await.map_err(db)?;
+            let mut commands = rows
+                .iter()
+                .map(command_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await.map_err(db)?;
+            // Start them in claim order.
+            commands.sort_by_key(|c| ids.iter().position(|id| *id == c.id.as_uuid()));
+            claimed.extend(commands.into_iter().map(|command| Claim {
+                command,
+                lease_until,
+            }));
+        }
+        Ok(claimed)
+    }
+
     /// True when the database answers.
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.reader).await.is_ok()
@@ -65,11 +155,5 @@ impl SqliteStore {
     }
 }
 
-// The single writer connection already serialises claims and audit appends.
-sql_repositories!(
-    SqliteStore,
-    Sqlite,
-    row_lock = "",
-    claim_lock = "",
-    audit_lock = "SELECT 1"
-);
+// The single writer connection already serialises audit appends.
+sql_repositories!(SqliteStore, Sqlite, audit_lock = "SELECT 1");
