@@ -16,7 +16,7 @@ use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe};
 use crate::adapters::local::LocalExecutor;
 use crate::adapters::postgres::PgStore;
 use crate::adapters::sqlite::SqliteStore;
-use crate::adapters::telemetry::Metrics;
+use crate::adapters::telemetry::{JemallocProfiler, Metrics};
 use crate::config::Config;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
@@ -320,6 +320,7 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
         commands,
         follow,
         metrics,
+        profiler: Arc::new(JemallocProfiler),
         client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
         probe: Arc::new(storage.clone()),
         shutdown: shutdown.clone(),

@@ -20,7 +20,7 @@ pub use commands::{
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
-pub use metrics::CommandMetrics;
+pub use metrics::{CommandMetrics, HeapProfiler, OperatorMetrics};
 pub use output::{
     BusEvent, OutputBus, OutputProgress, OutputStore, Received, Relay, RemoteHint, RemoteInbox,
     Subscription, WorkSignal,

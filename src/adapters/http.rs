@@ -29,7 +29,7 @@ use utoipa::openapi::security::{
 };
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::adapters::telemetry::Metrics;
+use crate::ports::{HeapProfiler, OperatorMetrics};
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::commands::CommandService;
@@ -55,7 +55,8 @@ pub struct AppState {
     pub audit: Arc<AuditService>,
     pub commands: Arc<CommandService>,
     pub follow: Arc<FollowService>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<dyn OperatorMetrics>,
+    pub profiler: Arc<dyn HeapProfiler>,
     pub client_ip: Arc<ClientIpResolver>,
     pub probe: Arc<dyn ReadinessProbe>,
     /// Cancelled when the server stops: event streams end.
@@ -135,23 +136,18 @@ pub fn router(state: AppState) -> Router {
 
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = request.method().clone();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[method.as_str(), route.as_str(), status.as_str()])
-        .inc();
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[method.as_str(), route.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.http_request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }

@@ -1,5 +1,5 @@
-//! Logs and metrics: JSON logs through `tracing`, and a Prometheus registry (built here, never
-//! the process-global default) with the `rdev_` metrics.
+//! Logs, metrics and profiles: JSON logs through `tracing`, a Prometheus registry (built here,
+//! never the process-global default) with the `rdev_` metrics, and jemalloc heap profiles.
 
 use std::time::Duration;
 
@@ -10,7 +10,9 @@ use prometheus::{
 use tracing_subscriber::EnvFilter;
 
 use crate::domain::command::CommandStatus;
-use crate::ports::CommandMetrics;
+use async_trait::async_trait;
+
+use crate::ports::{CommandMetrics, HeapProfiler, OperatorMetrics, PortError};
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
 pub fn init_logging(json: bool) {
@@ -33,11 +35,11 @@ pub fn init_logging(json: bool) {
 
 pub struct Metrics {
     registry: Registry,
-    pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
-    pub sse_active: IntGauge,
-    pub commands_active: IntGauge,
-    pub commands_queued: IntGauge,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    sse_active: IntGauge,
+    commands_active: IntGauge,
+    commands_queued: IntGauge,
     command_duration: HistogramVec,
     output_bytes: IntCounter,
 }
@@ -97,14 +99,52 @@ impl Metrics {
             output_bytes,
         })
     }
+}
 
-    /// The text exposition format.
-    pub fn render(&self) -> String {
+impl OperatorMetrics for Metrics {
+    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        self.http_requests
+            .with_label_values(&[method, route, &status.to_string()])
+            .inc();
+        self.http_duration
+            .with_label_values(&[method, route])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn set_commands_queued(&self, queued: u64) {
+        self.commands_queued.set(queued as i64);
+    }
+
+    fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
             .expect("encoding gathered metrics into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// Heap profiles from jemalloc's sampling profiler (enabled by the binary's `malloc_conf`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JemallocProfiler;
+
+#[async_trait]
+impl HeapProfiler for JemallocProfiler {
+    async fn heap_profile(&self) -> Result<Vec<u8>, PortError> {
+        let control = jemalloc_pprof::PROF_CTL.as_ref().ok_or_else(|| {
+            PortError::Unavailable("jemalloc heap profiling is not enabled".into())
+        })?;
+        let mut control = control.clone().lock_owned().await;
+        if !control.activated() {
+            return Err(PortError::Unavailable(
+                "jemalloc heap profiling is not active".into(),
+            ));
+        }
+        // Dumping writes and parses a file: keep it off the async workers.
+        tokio::task::spawn_blocking(move || control.dump_pprof())
+            .await
+            .map_err(PortError::backend)?
+            .map_err(|e| PortError::backend(e.to_string()))
     }
 }
 

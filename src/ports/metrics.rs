@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+
+use super::PortError;
 use crate::domain::command::CommandStatus;
 
 pub trait CommandMetrics: Send + Sync {
@@ -10,4 +13,20 @@ pub trait CommandMetrics: Send + Sync {
     fn output_bytes(&self, bytes: u64);
     fn stream_opened(&self);
     fn stream_closed(&self);
+}
+
+/// What operators scrape: request counters, queue depth, and the exposition text.
+pub trait OperatorMetrics: Send + Sync {
+    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration);
+    fn set_commands_queued(&self, queued: u64);
+    /// The Prometheus text exposition format.
+    fn render(&self) -> String;
+}
+
+/// A heap profile of this process.
+#[async_trait]
+pub trait HeapProfiler: Send + Sync {
+    /// Sampled live allocations as a gzipped pprof protobuf; `Unavailable` when the allocator
+    /// does not profile.
+    async fn heap_profile(&self) -> Result<Vec<u8>, PortError>;
 }

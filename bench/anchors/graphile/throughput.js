@@ -158,6 +158,7 @@ async function main() {
   if (batchPreset) options.preset = batchPreset;
 
   const timeoutMs = args["timeout-seconds"] * 1000;
+  const cpuBefore = process.cpuUsage();
   const start = process.hrtime.bigint();
   const runner = await run(options);
   const readyMs = elapsedMs(start);
@@ -187,6 +188,7 @@ async function main() {
     }
   }
   const seconds = elapsedMs(start) / 1000;
+  const cpu = process.cpuUsage(cpuBefore);
   clearTimeout(timer);
   clearInterval(progress);
 
@@ -204,7 +206,9 @@ async function main() {
   const jobsPerSec = jobs / seconds;
   log(
     `processed ${jobs} jobs in ${seconds.toFixed(3)} s -> ${jobsPerSec.toFixed(0)} jobs/s ` +
-      `(incl. ${readyMs.toFixed(0)} ms worker start-up)`,
+      `(incl. ${readyMs.toFixed(0)} ms worker start-up); node CPU ` +
+      `${((cpu.user + cpu.system) / 1e6).toFixed(2)} s = ` +
+      `${((cpu.user + cpu.system) / 1e4 / seconds).toFixed(0)}% of one core`,
   );
   const config = [
     `graphile-worker ${version}`,

@@ -3,20 +3,24 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::extract::Credentials;
 use super::problem::{ApiError, Problem};
+use crate::domain::api_key::Scope;
+use crate::services::ServiceError;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health))
         .routes(routes!(ready))
         .routes(routes!(metrics))
+        .routes(routes!(heap_profile))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -47,10 +51,49 @@ async fn ready(State(state): State<AppState>) -> Result<Json<HealthResponse>, Ap
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Ok(queued) = state.commands.queued_total().await {
-        state.metrics.commands_queued.set(queued as i64);
+        state.metrics.set_commands_queued(queued);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// A jemalloc heap profile (gzipped pprof; `go tool pprof` reads it). Clients on loopback (such
+/// as `kubectl exec ... curl localhost:8080/...`) need no key; others need an admin key.
+#[utoipa::path(get, path = "/debug/pprof/heap", tag = "operations",
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses((status = 200, content_type = "application/octet-stream"), (status = 401, body = Problem),
+        (status = 503, body = Problem)))]
+async fn heap_profile(
+    State(state): State<AppState>,
+    credentials: Credentials,
+) -> Result<Response, ApiError> {
+    if !credentials.client_ip.is_loopback() {
+        let caller = state
+            .keys
+            .authenticate(
+                credentials.presented.as_deref(),
+                credentials.client_ip,
+                credentials.context,
+            )
+            .await?;
+        caller.require(Scope::Admin)?;
+    }
+    let profile = state
+        .profiler
+        .heap_profile()
+        .await
+        .map_err(|e| ApiError::Service(ServiceError::from_port(e, "heap profile")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"heap.pb.gz\"",
+            ),
+        ],
+        profile,
+    )
+        .into_response())
 }
