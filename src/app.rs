@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
-use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe};
+use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::local::LocalExecutor;
 use crate::adapters::postgres::PgStore;
 use crate::adapters::sqlite::SqliteStore;
@@ -309,7 +309,7 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
         replica,
     );
 
-    let state = AppState {
+    let state = AppState::new(Services {
         keys: keys.clone(),
         projects: Arc::new(ProjectService::new(
             projects_repo,
@@ -326,7 +326,7 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
         shutdown: shutdown.clone(),
         draining: draining.clone(),
         sse_keep_alive: Duration::from_secs(config.sse_keepalive_secs),
-    };
+    });
     Ok(App {
         listener,
         router: http::router(state),

@@ -47,9 +47,27 @@ pub trait ReadinessProbe: Send + Sync {
     async fn storage_ready(&self) -> bool;
 }
 
-/// Everything handlers reach.
+/// Everything handlers reach, behind one `Arc`: axum clones the state for every extractor and
+/// middleware of every request, so a clone must be one atomic increment (profiling showed
+/// field-by-field clones, cancellation tokens included, at 8% of CPU under load).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services and settings behind [`AppState`].
+pub struct Services {
     pub keys: Arc<ApiKeyService>,
     pub projects: Arc<ProjectService>,
     pub audit: Arc<AuditService>,

@@ -13,9 +13,9 @@ use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::audit::truncate_to_micros;
-use crate::domain::command::CommandStatus;
+use crate::domain::command::{CommandStatus, OutputChunk};
 use crate::domain::ids::CommandId;
-use crate::ports::{Claim, PortError, Relay, RemoteHint, RemoteInbox};
+use crate::ports::{Claim, OutputProgress, PortError, Relay, RemoteHint, RemoteInbox};
 
 use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
@@ -115,6 +115,45 @@ impl PgStore {
         // Start them in claim order.
         claimed.sort_by_key(|(priority, seq, _)| (std::cmp::Reverse(*priority), *seq));
         Ok(claimed.into_iter().map(|(_, _, claim)| claim).collect())
+    }
+
+    /// Stores a batch of output and the progress in one statement (one round trip: this is on
+    /// the path from a process's first byte to its followers).
+    async fn append_output(
+        &self,
+        command: CommandId,
+        chunks: &[OutputChunk],
+        progress: OutputProgress,
+    ) -> Result<(), PortError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new("");
+        if !chunks.is_empty() {
+            query.push(
+                "WITH stored AS (INSERT INTO command_output (command_id, seq, stream, data) ",
+            );
+            query.push_values(chunks, |mut row, chunk| {
+                row.push_bind(command.as_uuid())
+                    .push_bind(chunk.seq)
+                    .push_bind(i64::from(chunk.stream.code()))
+                    .push_bind(chunk.data.as_str());
+            });
+            // A retried batch whose first commit did land is not an error.
+            query.push(" ON CONFLICT DO NOTHING) ");
+        }
+        query
+            .push("UPDATE commands SET last_seq = ")
+            .push_bind(progress.last_seq)
+            .push(", stdout_bytes = ")
+            .push_bind(progress.stdout_bytes)
+            .push(", stderr_bytes = ")
+            .push_bind(progress.stderr_bytes)
+            .push(", dropped_bytes = ")
+            .push_bind(progress.dropped_bytes)
+            .push(", truncated = ")
+            .push_bind(progress.truncated)
+            .push(" WHERE id = ")
+            .push_bind(command.as_uuid());
+        query.build().execute(&self.pool).await.map_err(db)?;
+        Ok(())
     }
 
     pub async fn ping(&self) -> bool {

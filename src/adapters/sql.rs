@@ -271,8 +271,8 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 
 /// Implements every repository port whose SQL both dialects accept for a store type that has
 /// `fn reader(&self) -> &Pool<DB>`, `fn writer(&self) -> &Pool<DB>`, `async fn begin(&self) ->
-/// Result<Transaction<'static, DB>, PortError>` and `async fn claim_batch(...)` (claiming is
-/// where the dialects differ most). `audit_lock` serialises audit appends (Postgres: an
+/// Result<Transaction<'static, DB>, PortError>`, and `claim_batch` and `append_output`, the two
+/// hot paths where the dialects differ most. `audit_lock` serialises audit appends (Postgres: an
 /// advisory lock).
 macro_rules! sql_repositories {
     ($store:ident, $db:ident, audit_lock = $audit_lock:literal) => {
@@ -1026,34 +1026,8 @@ macro_rules! sql_repositories {
                 chunks: &[OutputChunk],
                 progress: OutputProgress,
             ) -> Result<(), PortError> {
-                let mut tx = self.begin().await?;
-                if !chunks.is_empty() {
-                    let mut insert =
-                        sqlx::QueryBuilder::<$db>::new("INSERT INTO command_output (command_id, seq, stream, data) ");
-                    insert.push_values(chunks, |mut row, chunk| {
-                        row.push_bind(command.as_uuid())
-                            .push_bind(chunk.seq)
-                            .push_bind(i64::from(chunk.stream.code()))
-                            .push_bind(chunk.data.as_str());
-                    });
-                    // A retried batch whose first commit did land is not an error.
-                    insert.push(" ON CONFLICT DO NOTHING");
-                    insert.build().execute(&mut *tx).await.map_err(db)?;
-                }
-                sqlx::query(
-                    "UPDATE commands SET last_seq = $2, stdout_bytes = $3, stderr_bytes = $4, \
-                     dropped_bytes = $5, truncated = $6 WHERE id = $1",
-                )
-                .bind(command.as_uuid())
-                .bind(progress.last_seq)
-                .bind(progress.stdout_bytes)
-                .bind(progress.stderr_bytes)
-                .bind(progress.dropped_bytes)
-                .bind(progress.truncated)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                tx.commit().await.map_err(db)
+                // Each dialect writes a batch its own way (see `append_output` in the adapter).
+                self.append_output(command, chunks, progress).await
             }
 
             async fn read_after(&self, command: CommandId, after: i64, limit: u32) -> Result<Vec<OutputChunk>, PortError> {

@@ -11,7 +11,9 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use crate::domain::audit::truncate_to_micros;
-use crate::ports::{Claim, PortError};
+use crate::domain::command::OutputChunk;
+use crate::domain::ids::CommandId;
+use crate::ports::{Claim, OutputProgress, PortError};
 
 use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
@@ -142,6 +144,44 @@ impl SqliteStore {
             }));
         }
         Ok(claimed)
+    }
+
+    /// Stores a batch of output and the progress in one transaction.
+    async fn append_output(
+        &self,
+        command: CommandId,
+        chunks: &[OutputChunk],
+        progress: OutputProgress,
+    ) -> Result<(), PortError> {
+        let mut tx = self.begin().await?;
+        if !chunks.is_empty() {
+            let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO command_output (command_id, seq, stream, data) ",
+            );
+            insert.push_values(chunks, |mut row, chunk| {
+                row.push_bind(command.as_uuid())
+                    .push_bind(chunk.seq)
+                    .push_bind(i64::from(chunk.stream.code()))
+                    .push_bind(chunk.data.as_str());
+            });
+            // A retried batch whose first commit did land is not an error.
+            insert.push(" ON CONFLICT DO NOTHING");
+            insert.build().execute(&mut *tx).await.map_err(db)?;
+        }
+        sqlx::query(
+            "UPDATE commands SET last_seq = $2, stdout_bytes = $3, stderr_bytes = $4, \
+             dropped_bytes = $5, truncated = $6 WHERE id = $1",
+        )
+        .bind(command.as_uuid())
+        .bind(progress.last_seq)
+        .bind(progress.stdout_bytes)
+        .bind(progress.stderr_bytes)
+        .bind(progress.dropped_bytes)
+        .bind(progress.truncated)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
     }
 
     /// True when the database answers.
