@@ -31,7 +31,8 @@ pub const SCENARIO: Scenario = Scenario {
 };
 
 const WORKERS: usize = 32;
-const GRAPHILE_CONCURRENCY: u32 = 32;
+/// graphile-worker 0.16.6 was fastest at 10-24 here (bench/anchors/graphile/README.md).
+const GRAPHILE_CONCURRENCY: u32 = 24;
 
 /// An executor whose processes print nothing and exit 0 at once: what is left is the queue.
 struct NoopExecutor;
