@@ -305,6 +305,7 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
             max_output_bytes: config.max_output_bytes,
             poll_interval: Duration::from_millis(config.poll_interval_ms),
             drain: Duration::from_secs(config.shutdown_grace_secs),
+            claim_batch: (config.workers / 4).max(1),
         },
         replica,
     );

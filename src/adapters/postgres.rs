@@ -3,6 +3,7 @@
 //! about new work, cancels, status changes and stored output through `LISTEN/NOTIFY` on one
 //! channel. NOTIFY is only a hint (coalesced by the bus); the tables stay the source of truth.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,9 @@ use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::audit::truncate_to_micros;
-use crate::domain::command::{CommandStatus, OutputChunk};
+use crate::domain::command::{Command, CommandStatus, OutputChunk};
 use crate::domain::ids::CommandId;
-use crate::ports::{Claim, OutputProgress, PortError, Relay, RemoteHint, RemoteInbox};
+use crate::ports::{Claim, Finished, OutputProgress, PortError, Relay, RemoteHint, RemoteInbox};
 
 use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
@@ -115,6 +116,53 @@ impl PgStore {
         // Start them in claim order.
         claimed.sort_by_key(|(priority, seq, _)| (std::cmp::Reverse(*priority), *seq));
         Ok(claimed.into_iter().map(|(_, _, claim)| claim).collect())
+    }
+
+    /// Writes the final states of a batch in one statement; returns the commands it changed
+    /// (those still running).
+    async fn mark_finished(
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[&Finished],
+    ) -> Result<HashMap<CommandId, Command>, PortError> {
+        if batch.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let column =
+            |f: fn(&Finished) -> Option<i64>| batch.iter().map(|i| f(i)).collect::<Vec<_>>();
+        let rows = sqlx::query(&format!(
+            "UPDATE commands c SET status = v.status, exit_code = v.exit_code, \
+             termination_reason = v.reason, error = v.error, finished_at = v.finished_at, \
+             stdout_bytes = v.stdout_bytes, stderr_bytes = v.stderr_bytes, \
+             dropped_bytes = v.dropped_bytes, truncated = v.truncated, last_seq = v.last_seq, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                         $6::timestamptz[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[], $11::bigint[]) \
+                  AS v(id, status, exit_code, reason, error, finished_at, stdout_bytes, stderr_bytes, \
+                       dropped_bytes, truncated, last_seq) \
+             WHERE c.id = v.id AND c.status = 'running' RETURNING {}",
+            COMMAND_COLUMNS
+                .split(", ")
+                .map(|c| format!("c.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind(batch.iter().map(|i| i.id.as_uuid()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|i| i.outcome.status.as_str()).collect::<Vec<_>>())
+        .bind(column(|i| i.outcome.exit_code.map(i64::from)))
+        .bind(batch.iter().map(|i| i.outcome.reason.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|i| i.outcome.error.clone()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|i| i.outcome.finished_at).collect::<Vec<_>>())
+        .bind(column(|i| Some(i.outcome.stdout_bytes)))
+        .bind(column(|i| Some(i.outcome.stderr_bytes)))
+        .bind(column(|i| Some(i.outcome.dropped_bytes)))
+        .bind(batch.iter().map(|i| i.outcome.truncated).collect::<Vec<_>>())
+        .bind(column(|i| Some(i.outcome.last_seq)))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| command_from_row(row).map(|command| (command.id, command)))
+            .collect()
     }
 
     /// Stores a batch of output and the progress in one statement (one round trip: this is on

@@ -271,8 +271,8 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 
 /// Implements every repository port whose SQL both dialects accept for a store type that has
 /// `fn reader(&self) -> &Pool<DB>`, `fn writer(&self) -> &Pool<DB>`, `async fn begin(&self) ->
-/// Result<Transaction<'static, DB>, PortError>`, and `claim_batch` and `append_output`, the two
-/// hot paths where the dialects differ most. `audit_lock` serialises audit appends (Postgres: an
+/// Result<Transaction<'static, DB>, PortError>`, and `claim_batch`, `mark_finished` and
+/// `append_output`, the hot paths where the dialects differ most. `audit_lock` serialises audit appends (Postgres: an
 /// advisory lock).
 macro_rules! sql_repositories {
     ($store:ident, $db:ident, audit_lock = $audit_lock:literal) => {
@@ -938,52 +938,34 @@ macro_rules! sql_repositories {
             }
 
             async fn finish(&self, batch: &[Finished]) -> Result<Vec<Result<Command, PortError>>, PortError> {
+                let allowed: Vec<&Finished> = batch
+                    .iter()
+                    .filter(|item| CommandStatus::Running.transition(item.outcome.status).is_ok())
+                    .collect();
                 let mut tx = self.begin().await?;
+                // Each dialect marks a batch its own way (see `mark_finished` in the adapter).
+                let ended = Self::mark_finished(&mut tx, &allowed).await?;
                 let mut results = Vec::with_capacity(batch.len());
-                let mut ended = Vec::with_capacity(batch.len());
-                let mut audits = Vec::with_capacity(batch.len());
+                let mut audits = Vec::with_capacity(ended.len());
                 for item in batch {
-                    if let Err(error) = CommandStatus::Running.transition(item.outcome.status) {
-                        results.push(Err(PortError::Conflict(error.to_string())));
-                        continue;
-                    }
-                    let outcome = &item.outcome;
-                    let row = sqlx::query(&format!(
-                        "UPDATE commands SET status = $2, exit_code = $3, termination_reason = $4, error = $5, \
-                         finished_at = $6, stdout_bytes = $7, stderr_bytes = $8, dropped_bytes = $9, \
-                         truncated = $10, last_seq = $11, lease_owner = NULL, lease_expires_at = NULL \
-                         WHERE id = $1 AND status = 'running' RETURNING {COMMAND_COLUMNS}"
-                    ))
-                    .bind(item.id.as_uuid())
-                    .bind(outcome.status.as_str())
-                    .bind(outcome.exit_code.map(i64::from))
-                    .bind(outcome.reason.as_str())
-                    .bind(outcome.error.as_deref())
-                    .bind(outcome.finished_at)
-                    .bind(outcome.stdout_bytes)
-                    .bind(outcome.stderr_bytes)
-                    .bind(outcome.dropped_bytes)
-                    .bind(outcome.truncated)
-                    .bind(outcome.last_seq)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    match row {
-                        Some(row) => {
-                            let command = command_from_row(&row)?;
-                            ended.push(command.clone());
-                            audits.push(item.audit.clone());
-                            results.push(Ok(command));
-                        }
-                        None => results.push(Err(PortError::Conflict("the command is no longer running".into()))),
-                    }
+                    let result = match CommandStatus::Running.transition(item.outcome.status) {
+                        Err(error) => Err(PortError::Conflict(error.to_string())),
+                        Ok(_) => match ended.get(&item.id) {
+                            Some(command) => {
+                                audits.push(item.audit.clone());
+                                Ok(command.clone())
+                            }
+                            None => Err(PortError::Conflict("the command is no longer running".into())),
+                        },
+                    };
+                    results.push(result);
                 }
+                let ended: Vec<Command> = ended.into_values().collect();
                 Self::free_slots(&mut tx, &ended).await?;
                 Self::append_audits(&mut tx, audits).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(results)
             }
-
 
             async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError> {
                 let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());

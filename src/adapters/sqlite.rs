@@ -2,6 +2,7 @@
 //! queueing writes in the pool is cheaper than retrying `SQLITE_BUSY`) and a pool of readers on
 //! the WAL. Commands claim and wake up within this one process.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,9 +12,9 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use crate::domain::audit::truncate_to_micros;
-use crate::domain::command::OutputChunk;
+use crate::domain::command::{Command, OutputChunk};
 use crate::domain::ids::CommandId;
-use crate::ports::{Claim, OutputProgress, PortError};
+use crate::ports::{Claim, Finished, OutputProgress, PortError};
 
 use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
 
@@ -144,6 +145,42 @@ impl SqliteStore {
             }));
         }
         Ok(claimed)
+    }
+
+    /// Writes the final state of each running command of the batch; returns those it changed.
+    async fn mark_finished(
+        tx: &mut Transaction<'static, Sqlite>,
+        batch: &[&Finished],
+    ) -> Result<HashMap<CommandId, Command>, PortError> {
+        let mut ended = HashMap::with_capacity(batch.len());
+        for item in batch {
+            let outcome = &item.outcome;
+            let row = sqlx::query(&format!(
+                "UPDATE commands SET status = $2, exit_code = $3, termination_reason = $4, error = $5, \
+                 finished_at = $6, stdout_bytes = $7, stderr_bytes = $8, dropped_bytes = $9, \
+                 truncated = $10, last_seq = $11, lease_owner = NULL, lease_expires_at = NULL \
+                 WHERE id = $1 AND status = 'running' RETURNING {COMMAND_COLUMNS}"
+            ))
+            .bind(item.id.as_uuid())
+            .bind(outcome.status.as_str())
+            .bind(outcome.exit_code.map(i64::from))
+            .bind(outcome.reason.as_str())
+            .bind(outcome.error.as_deref())
+            .bind(outcome.finished_at)
+            .bind(outcome.stdout_bytes)
+            .bind(outcome.stderr_bytes)
+            .bind(outcome.dropped_bytes)
+            .bind(outcome.truncated)
+            .bind(outcome.last_seq)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db)?;
+            if let Some(row) = row {
+                let command = command_from_row(&row)?;
+                ended.insert(command.id, command);
+            }
+        }
+        Ok(ended)
     }
 
     /// Stores a batch of output and the progress in one transaction.

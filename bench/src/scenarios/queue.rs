@@ -116,6 +116,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
             max_output_bytes: 1024 * 1024,
             poll_interval: Duration::from_millis(200),
             drain: Duration::from_secs(5),
+            claim_batch: WORKERS / 4,
         },
         "bench-replica".into(),
     );
