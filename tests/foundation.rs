@@ -801,15 +801,7 @@ async fn operations_endpoints(backend: Backend) {
     }
 
     server.get("/api/v1/me", ADMIN_KEY).await;
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     for name in [
         "rdev_http_requests_total",
         "rdev_sse_connections_active",

@@ -47,15 +47,7 @@ async fn heap_profile_is_served_to_loopback_and_to_admins() {
     );
 
     // The runbook's metric greps.
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics
             .lines()

@@ -594,15 +594,7 @@ async fn submit_validation_idempotency_and_queue_limits(backend: Backend) {
 }
 
 async fn sse_gauge(server: &TestServer) -> i64 {
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("rdev_sse_connections_active "))

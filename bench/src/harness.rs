@@ -226,6 +226,31 @@ impl Server {
         Ok(body["id"].as_str().context("command id")?.to_owned())
     }
 
+    /// The SSE events of a command, parsed.
+    pub async fn events(
+        &self,
+        id: &str,
+    ) -> Result<
+        impl futures::Stream<
+            Item = Result<
+                eventsource_stream::Event,
+                eventsource_stream::EventStreamError<reqwest::Error>,
+            >,
+        > + Send
+        + Unpin
+        + use<>,
+    > {
+        use eventsource_stream::Eventsource;
+        let response = self
+            .client
+            .get(self.url(&format!("/api/v1/commands/{id}/events")))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response.bytes_stream().eventsource())
+    }
+
     pub fn rss_kib(&self) -> Result<u64> {
         status_kib(self.pid, "VmRSS:")
     }

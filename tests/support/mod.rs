@@ -269,6 +269,18 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Creates a key and returns (id, secret).
     pub async fn create_key(&self, body: Value) -> (String, String) {
         let response = self.post("/api/v1/api-keys", ADMIN_KEY, body).await;

@@ -4,11 +4,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 
 use super::{Scenario, graphile};
-use crate::harness::{ADMIN_KEY, Ctx, PgDb, Row, Server, SqliteDb, percentile};
+use crate::harness::{Ctx, PgDb, Row, Server, SqliteDb, percentile};
 
 pub const SCENARIO: Scenario = Scenario {
     name: "latency",
@@ -24,14 +23,7 @@ async fn samples(ctx: &Ctx, database_url: String, count: usize) -> Result<Vec<f6
     for index in 0..count + 5 {
         let started = Instant::now();
         let id = server.submit(&project, "echo x").await?;
-        let response = server
-            .client
-            .get(server.url(&format!("/api/v1/commands/{id}/events")))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await?
-            .error_for_status()?;
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = server.events(&id).await?;
         loop {
             let event = tokio::time::timeout(Duration::from_secs(30), events.next())
                 .await

@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 
 use super::Scenario;
@@ -108,14 +107,7 @@ struct Followed {
 }
 
 async fn follow(server: &Server, id: &str) -> Result<Followed> {
-    let response = server
-        .client
-        .get(server.url(&format!("/api/v1/commands/{id}/events")))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut events = response.bytes_stream().eventsource();
+    let mut events = server.events(id).await?;
     let mut followed = Followed {
         stdout_bytes: 0,
         truncated_events: 0,

@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -154,16 +153,9 @@ async fn fan_out(ctx: &Ctx, server: &Server, project: &str) -> Result<Row> {
     let mut tasks = Vec::with_capacity(readers);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(readers);
     for _ in 0..readers {
-        let response = server
-            .client
-            .get(server.url(&format!("/api/v1/commands/{id}/events")))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await?
-            .error_for_status()?;
+        let mut events = server.events(&id).await?;
         let ready = ready_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let mut events = response.bytes_stream().eventsource();
             let mut text = String::new();
             let mut announced = false;
             while let Some(event) = events.next().await {
