@@ -7,7 +7,7 @@ use std::time::Duration;
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use rdev_api::config::{Config, Secret};
-use reqwest::{Response, StatusCode};
+use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -231,42 +231,35 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// Sends an authenticated request, with a JSON body when one is given.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path)).bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str, key: &str) -> Response {
-        self.client
-            .get(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::GET, path, key, None).await
     }
 
     pub async fn delete(&self, path: &str, key: &str) -> Response {
-        self.client
-            .delete(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::DELETE, path, key, None).await
     }
 
     pub async fn post(&self, path: &str, key: &str, body: Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::POST, path, key, Some(body)).await
     }
 
     pub async fn patch(&self, path: &str, key: &str, body: Value) -> Response {
-        self.client
-            .patch(self.url(path))
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::PATCH, path, key, Some(body)).await
     }
 
     /// The Prometheus text of `/metrics`.
