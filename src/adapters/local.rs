@@ -27,7 +27,9 @@ pub struct LocalExecutor;
 #[async_trait]
 impl Executor for LocalExecutor {
     async fn start(&self, request: ExecRequest) -> Result<Box<dyn Execution>, PortError> {
-        let mut command = Command::new("sh");
+        // An absolute path and no pre_exec hook let std spawn with posix_spawn (vfork-like)
+        // instead of fork + exec, which matters on the submit-to-first-byte path.
+        let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
             .arg(&request.command)
@@ -38,14 +40,6 @@ impl Executor for LocalExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only performs
-        // async-signal-safe calls (open, write, close) on a static path.
-        unsafe {
-            command.pre_exec(|| {
-                raise_oom_score();
-                Ok(())
-            });
-        }
         let mut child = command.spawn().map_err(|e| {
             PortError::Conflict(format!("cannot start `sh` in {}: {e}", request.workdir))
         })?;
@@ -53,6 +47,7 @@ impl Executor for LocalExecutor {
             .id()
             .ok_or_else(|| PortError::backend("child exited before it was seen"))?
             as i32;
+        raise_oom_score(pgid);
         let (tx, rx) = mpsc::channel(PIPE_BACKLOG);
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -69,16 +64,12 @@ impl Executor for LocalExecutor {
     }
 }
 
-fn raise_oom_score() {
-    let path = c"/proc/self/oom_score_adj";
-    // SAFETY: plain syscalls on a NUL-terminated static path and a static buffer.
-    unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-        if fd >= 0 {
-            let value = b"1000";
-            libc::write(fd, value.as_ptr().cast(), value.len());
-            libc::close(fd);
-        }
+/// Makes the kernel's OOM killer pick this command (and what it starts, which inherits the
+/// score) before the server. Raising a score needs no privilege; a child that exits first is
+/// fine to miss.
+fn raise_oom_score(pid: i32) {
+    if let Err(error) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), b"1000") {
+        tracing::debug!(pid, %error, "could not raise oom_score_adj");
     }
 }
 
@@ -209,6 +200,13 @@ mod tests {
         execution.terminate(Duration::from_secs(1)).await;
         while execution.next_output().await.is_some() {}
         assert_eq!(execution.wait().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn children_are_the_oom_killers_first_choice() {
+        // Applied right after the spawn, so a command that allocates for long is covered.
+        let (out, _, code) = run("sleep 0.2; cat /proc/self/oom_score_adj").await;
+        assert_eq!((out.trim(), code), ("1000", Some(0)));
     }
 
     #[tokio::test]

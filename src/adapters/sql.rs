@@ -720,16 +720,11 @@ macro_rules! sql_repositories {
                             .map(SubmitOutcome::Existing);
                     }
                 }
-                let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM commands WHERE status = 'queued'")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                if queued as u64 >= max_queued {
-                    return Ok(SubmitOutcome::QueueFull { queued: queued as u64 });
-                }
-                sqlx::query(
+                // The queue limit is checked by the insert itself: one round trip on the submit path.
+                let inserted = sqlx::query(
                     "INSERT INTO commands (id, project_id, command, env, priority, timeout_secs, status, \
-                     submitted_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     submitted_by, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                     WHERE (SELECT COUNT(*) FROM commands WHERE status = 'queued') < $10",
                 )
                 .bind(command.id.as_uuid())
                 .bind(command.project_id.as_uuid())
@@ -740,9 +735,17 @@ macro_rules! sql_repositories {
                 .bind(command.status.as_str())
                 .bind(command.submitted_by.map(|k| k.as_uuid()))
                 .bind(command.created_at)
+                .bind(i64::try_from(max_queued).unwrap_or(i64::MAX))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| translate(e, "a command with this id already exists"))?;
+                if inserted.rows_affected() == 0 {
+                    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM commands WHERE status = 'queued'")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    return Ok(SubmitOutcome::QueueFull { queued: queued as u64 });
+                }
                 if let Some(idem) = &idempotency {
                     sqlx::query(
                         "INSERT INTO idempotency_keys (api_key_id, key, request_hash, command_id, created_at) \
