@@ -16,7 +16,7 @@ pub use audit::{AuditFilter, AuditLog};
 pub use clock::Clock;
 pub use commands::{
     Claim, CommandFilter, CommandQueue, CommandStore, Finished, IdempotencyKey, ProjectLoad,
-    QueueSummary, Submission, SubmitOutcome,
+    QueueSummary, RenewedLeases, Submission, SubmitOutcome,
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};

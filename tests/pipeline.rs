@@ -93,6 +93,13 @@ async fn output_streams_in_order_with_exit_status(backend: Backend) {
     assert_eq!(command["termination_reason"], "exit");
     assert!(command["started_at"].is_string() && command["finished_at"].is_string());
 
+    // NUL cannot be stored as text: it shows as U+2400, on both backends.
+    let nul = server
+        .submit(&project, json!({"command": "printf 'a\\000b'"}))
+        .await;
+    let events = server.events_until_end(&nul, None).await;
+    assert_eq!(output_of(&events, "stdout"), "a\u{2400}b");
+
     let failing = server
         .submit(&project, json!({"command": "echo bye; exit 3"}))
         .await;
@@ -147,6 +154,18 @@ async fn timeout_stops_the_command(backend: Backend) {
     let end = json_data(events.last().unwrap());
     assert_eq!(end["status"], "timed_out");
     assert_eq!(end["termination_reason"], "timeout");
+
+    // A process that closes its output early is still timed out.
+    let silent = server
+        .submit(
+            &project,
+            json!({"command": "exec >/dev/null 2>&1; sleep 30", "timeout_secs": 1}),
+        )
+        .await;
+    let ended = server
+        .wait_for(&silent, None, Duration::from_secs(20))
+        .await;
+    assert_eq!(ended["status"], "timed_out");
     server.stop().await;
 }
 

@@ -20,6 +20,8 @@ use crate::ports::{ExecRequest, Execution, Executor, PortError};
 /// reading and the process blocks on its writes.
 const PIPE_BACKLOG: usize = 16;
 const READ_SIZE: usize = 8 * 1024;
+/// How long output is still read after the shell exited, from descendants outside its group.
+const PIPE_GRACE_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalExecutor;
@@ -51,10 +53,12 @@ impl Executor for LocalExecutor {
         let (tx, rx) = mpsc::channel(PIPE_BACKLOG);
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        tokio::spawn(pump(stdout, OutputStream::Stdout, tx.clone()));
-        tokio::spawn(pump(stderr, OutputStream::Stderr, tx));
+        let pumps = [
+            tokio::spawn(pump(stdout, OutputStream::Stdout, tx.clone())),
+            tokio::spawn(pump(stderr, OutputStream::Stderr, tx)),
+        ];
         let exited = Arc::new(AtomicBool::new(false));
-        let waiter = tokio::spawn(wait_then_clean_up(child, pgid, exited.clone()));
+        let waiter = tokio::spawn(wait_then_clean_up(child, pgid, exited.clone(), pumps));
         Ok(Box::new(LocalExecution {
             pgid,
             output: rx,
@@ -100,15 +104,21 @@ async fn pump(
 }
 
 /// Waits for the shell; once it is gone, kills what it left behind in its group so that
-/// background children cannot hold the pipes (and the command) open.
+/// background children cannot hold the pipes (and the command) open. A descendant that left
+/// the group (`setsid`, a daemon) is out of reach: its pipes are abandoned after a grace.
 async fn wait_then_clean_up(
     mut child: Child,
     pgid: i32,
     exited: Arc<AtomicBool>,
+    pumps: [tokio::task::JoinHandle<()>; 2],
 ) -> std::io::Result<Option<i32>> {
     let status = child.wait().await;
     exited.store(true, Ordering::Release);
     signal_group(pgid, libc::SIGKILL);
+    tokio::spawn(async move {
+        tokio::time::sleep(PIPE_GRACE_AFTER_EXIT).await;
+        pumps.iter().for_each(tokio::task::JoinHandle::abort);
+    });
     status.map(|s| s.code())
 }
 
@@ -142,10 +152,12 @@ impl Execution for LocalExecution {
     async fn wait(&mut self) -> Result<Option<i32>, PortError> {
         let waiter = self
             .waiter
-            .take()
+            .as_mut()
             .ok_or_else(|| PortError::backend("waited twice"))?;
-        waiter
-            .await
+        // Awaiting the handle by reference keeps it if this future is dropped (cancel-safe).
+        let result = waiter.await;
+        self.waiter = None;
+        result
             .map_err(PortError::backend)?
             .map_err(PortError::backend)
     }
@@ -207,6 +219,14 @@ mod tests {
         // Applied right after the spawn, so a command that allocates for long is covered.
         let (out, _, code) = run("sleep 0.2; cat /proc/self/oom_score_adj").await;
         assert_eq!((out.trim(), code), ("1000", Some(0)));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_outside_the_group_does_not_hold_the_command() {
+        let started = std::time::Instant::now();
+        let (out, _, code) = run("setsid sleep 30 & echo detached").await;
+        assert_eq!((out.as_str(), code), ("detached\n", Some(0)));
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test]

@@ -53,8 +53,8 @@ impl PgStore {
     }
 
     /// Claims in one statement (one round trip): pick the project of the best claimable
-    /// command, lock its row (claims within a project are serialised, so its commands go
-    /// strictly in order), take up to `limit` of its free slots with its best queued commands
+    /// command, lock its row (`FOR NO KEY UPDATE`: claims within a project are serialised, so
+    /// its commands go strictly in order, while submits' foreign-key checks are not blocked), take up to `limit` of its free slots with its best queued commands
     /// (`SKIP LOCKED`), and mark them running.
     async fn claim_batch(
         &self,
@@ -71,7 +71,7 @@ impl PgStore {
                  WHERE p.id = (SELECT c.project_id FROM commands c JOIN projects q ON q.id = c.project_id \
                                WHERE c.status = 'queued' AND q.running_commands < q.max_concurrency \
                                ORDER BY c.priority DESC, c.seq LIMIT 1) \
-                 FOR UPDATE OF p \
+                 FOR NO KEY UPDATE OF p \
              ), picked AS ( \
                  SELECT c.id, c.priority, c.seq FROM commands c \
                  WHERE c.project_id = (SELECT id FROM slot) AND c.status = 'queued' \
@@ -355,5 +355,7 @@ impl WireHint {
 sql_repositories!(
     PgStore,
     Postgres,
-    audit_lock = "SELECT pg_advisory_xact_lock(7262011)"
+    audit_lock = "SELECT pg_advisory_xact_lock(7262011)",
+    row_lock = "FOR UPDATE",
+    time = ""
 );

@@ -272,10 +272,12 @@ pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String
 /// Implements every repository port whose SQL both dialects accept for a store type that has
 /// `fn reader(&self) -> &Pool<DB>`, `fn writer(&self) -> &Pool<DB>`, `async fn begin(&self) ->
 /// Result<Transaction<'static, DB>, PortError>`, and `claim_batch`, `mark_finished` and
-/// `append_output`, the hot paths where the dialects differ most. `audit_lock` serialises audit appends (Postgres: an
-/// advisory lock).
+/// `append_output`, the hot paths where the dialects differ most. `audit_lock` serialises audit
+/// appends (Postgres: an advisory lock); `row_lock` locks a row read in a transaction (Postgres:
+/// `FOR UPDATE`; SQLite has one writer); `time` wraps both sides of a timestamp comparison
+/// (SQLite stores RFC 3339 text, which only compares right as `julianday(...)`).
 macro_rules! sql_repositories {
-    ($store:ident, $db:ident, audit_lock = $audit_lock:literal) => {
+    ($store:ident, $db:ident, audit_lock = $audit_lock:literal, row_lock = $row_lock:literal, time = $time:literal) => {
         mod repositories {
         use super::{$store, $db};
         use $crate::adapters::sql::{
@@ -291,6 +293,7 @@ macro_rules! sql_repositories {
         use $crate::ports::{
             ApiKeyRepository, AuditFilter, AuditLog, Claim, CommandFilter, CommandQueue, CommandStore,
             Finished, OutputProgress, OutputStore, Page, PortError, ProjectLoad, ProjectRepository, QueueSummary,
+            RenewedLeases,
             Submission, SubmitOutcome,
         };
 
@@ -432,7 +435,7 @@ macro_rules! sql_repositories {
                 let mut tx = self.begin().await?;
                 let updated = sqlx::query(
                     "UPDATE api_keys SET name = $2, prefix = $3, secret_hash = $4, scopes = $5, \
-                     project_ids = $6, expires_at = $7, revoked_at = $8 WHERE id = $1",
+                     project_ids = $6, expires_at = $7, revoked_at = COALESCE(revoked_at, $8) WHERE id = $1",
                 )
                 .bind(key.id.as_uuid())
                 .bind(key.name.as_str())
@@ -578,6 +581,16 @@ macro_rules! sql_repositories {
 
             async fn delete(&self, id: ProjectId, audit: NewAuditEvent) -> Result<(), PortError> {
                 let mut tx = self.begin().await?;
+                // Locked first, so no submit or claim lands between the check and the delete.
+                let exists: Option<uuid::Uuid> =
+                    sqlx::query_scalar(concat!("SELECT id FROM projects WHERE id = $1 ", $row_lock))
+                        .bind(id.as_uuid())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                if exists.is_none() {
+                    return Err(PortError::NotFound);
+                }
                 let active: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM commands WHERE project_id = $1 AND status IN ('queued', 'running')",
                 )
@@ -651,10 +664,10 @@ macro_rules! sql_repositories {
                     query.push(" AND target_id = ").push_bind(target.clone());
                 }
                 if let Some(since) = filter.since {
-                    query.push(" AND at >= ").push_bind(since);
+                    query.push(concat!(" AND ", $time, "(at) >= ", $time, "(")).push_bind(since).push(")");
                 }
                 if let Some(until) = filter.until {
-                    query.push(" AND at < ").push_bind(until);
+                    query.push(concat!(" AND ", $time, "(at) < ", $time, "(")).push_bind(until).push(")");
                 }
                 if let Some(before) = filter.before_seq {
                     query.push(" AND seq < ").push_bind(before);
@@ -919,9 +932,9 @@ macro_rules! sql_repositories {
                 owner: &str,
                 ids: &[CommandId],
                 lease: std::time::Duration,
-            ) -> Result<Vec<CommandId>, PortError> {
+            ) -> Result<RenewedLeases, PortError> {
                 let until = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc()) + lease;
-                let mut cancelled = Vec::new();
+                let mut renewed = RenewedLeases::default();
                 for id in ids {
                     let flag: Option<bool> = sqlx::query_scalar(
                         "UPDATE commands SET lease_expires_at = $3 \
@@ -933,11 +946,13 @@ macro_rules! sql_repositories {
                     .fetch_optional(self.writer())
                     .await
                     .map_err(db)?;
-                    if flag == Some(true) {
-                        cancelled.push(*id);
+                    match flag {
+                        Some(true) => renewed.cancel_requested.push(*id),
+                        Some(false) => {}
+                        None => renewed.lost.push(*id),
                     }
                 }
-                Ok(cancelled)
+                Ok(renewed)
             }
 
             async fn finish(&self, batch: &[Finished]) -> Result<Vec<Result<Command, PortError>>, PortError> {
@@ -974,10 +989,14 @@ macro_rules! sql_repositories {
                 let now = $crate::domain::audit::truncate_to_micros(time::OffsetDateTime::now_utc());
                 let mut tx = self.begin().await?;
                 let rows = sqlx::query(&format!(
-                    "UPDATE commands SET status = 'lost', termination_reason = 'lost', finished_at = $1, \
-                     error = 'the server running it stopped renewing its lease', \
-                     lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE status = 'running' AND lease_expires_at < $1 RETURNING {COMMAND_COLUMNS}"
+                    concat!(
+                        "UPDATE commands SET status = 'lost', termination_reason = 'lost', finished_at = $1, \
+                         error = 'the server running it stopped renewing its lease', \
+                         lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE status = 'running' AND ", $time, "(lease_expires_at) < ", $time, "($1) \
+                         RETURNING {}"
+                    ),
+                    COMMAND_COLUMNS
                 ))
                 .bind(now)
                 .fetch_all(&mut *tx)

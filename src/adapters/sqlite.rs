@@ -233,4 +233,10 @@ impl SqliteStore {
 }
 
 // The single writer connection already serialises audit appends.
-sql_repositories!(SqliteStore, Sqlite, audit_lock = "SELECT 1");
+sql_repositories!(
+    SqliteStore,
+    Sqlite,
+    audit_lock = "SELECT 1",
+    row_lock = "",
+    time = "julianday"
+);

@@ -90,6 +90,13 @@ pub struct Claim {
     pub lease_until: OffsetDateTime,
 }
 
+/// What a lease renewal found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenewedLeases {
+    pub cancel_requested: Vec<CommandId>,
+    pub lost: Vec<CommandId>,
+}
+
 /// A command's end as a worker reports it, with the audit event written alongside.
 #[derive(Debug, Clone)]
 pub struct Finished {
@@ -109,13 +116,14 @@ pub trait CommandQueue: Send + Sync {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claim>, PortError>;
-    /// Extends the leases of `owner`'s running commands; returns those whose cancel was requested.
+    /// Extends the leases of `owner`'s running commands; says which were asked to cancel and
+    /// which are no longer `owner`'s running commands (the reaper marked them lost).
     async fn renew_leases(
         &self,
         owner: &str,
         ids: &[CommandId],
         lease: Duration,
-    ) -> Result<Vec<CommandId>, PortError>;
+    ) -> Result<RenewedLeases, PortError>;
     /// Writes final states with their audit events and frees their project slots, in one
     /// transaction. Each item fails alone (`Conflict`) when its command is no longer running.
     async fn finish(

@@ -36,6 +36,6 @@ pub trait Execution: Send {
     /// Stops the whole process tree: SIGTERM, then SIGKILL after `grace`. Returns at once.
     async fn terminate(&mut self, grace: Duration);
     /// The exit code, `None` when the process died from a signal. Call after `next_output`
-    /// returned `None`.
+    /// returned `None`. Cancel-safe.
     async fn wait(&mut self) -> Result<Option<i32>, PortError>;
 }

@@ -22,6 +22,8 @@ use super::{Caller, ServiceError};
 
 /// Chunks read from the store per catch-up query; also the most a follower holds at once.
 const REPLAY_PAGE: u32 = 128;
+/// How often a live follower re-reads the store even without news.
+const STORE_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a stream token lives.
 pub const STREAM_TOKEN_SECS: i64 = 60;
 
@@ -79,12 +81,12 @@ impl StreamLimiter {
             .lock()
             .expect("stream limiter lock is never poisoned");
         let (total, per_key) = &mut *open;
-        let of_key = per_key.entry(key).or_default();
-        if *total >= self.max_total || *of_key >= self.max_per_key {
+        let of_key = per_key.get(&key).copied().unwrap_or(0);
+        if *total >= self.max_total || of_key >= self.max_per_key {
             return Err(ServiceError::TooManyStreams);
         }
         *total += 1;
-        *of_key += 1;
+        per_key.insert(key, of_key + 1);
         self.metrics.stream_opened();
         tracing::info!(%command, %key, open = *total, "SSE connection opened");
         Ok(StreamPermit {
@@ -230,7 +232,8 @@ impl FollowService {
             store: self.store.clone(),
             output: self.output.clone(),
             subscription,
-            last_seq: after.max(0),
+            // Sequence numbers are dense from 1; anything past that range resumes at its end.
+            last_seq: after.clamp(0, i64::MAX / 2),
             pending: VecDeque::new(),
             phase: Phase::Start,
             last_status: None,
@@ -332,7 +335,15 @@ impl Follower {
     }
 
     async fn follow_live(&mut self) {
-        match self.subscription.next().await {
+        // Hints from other replicas are best effort: look at the store now and then anyway.
+        let received = tokio::select! {
+            received = self.subscription.next() => received,
+            _ = tokio::time::sleep(STORE_RECHECK) => {
+                self.phase = Phase::CatchUp;
+                return;
+            }
+        };
+        match received {
             Received::Event(BusEvent::Output(chunk)) => {
                 if chunk.seq == self.last_seq + 1 {
                     self.last_seq = chunk.seq;

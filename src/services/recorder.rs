@@ -20,7 +20,7 @@ const WRITER_BACKLOG: usize = 64;
 const MAX_BATCH: usize = 256;
 
 /// Splits bytes into valid UTF-8, carrying an incomplete trailing character into the next piece.
-/// Invalid bytes become U+FFFD.
+/// Invalid bytes become U+FFFD, and NUL becomes U+2400 (a visible NUL): text columns cannot hold it.
 #[derive(Debug, Default)]
 pub struct Utf8Decoder {
     carry: Vec<u8>,
@@ -35,12 +35,15 @@ impl Utf8Decoder {
         loop {
             match std::str::from_utf8(rest) {
                 Ok(valid) => {
-                    out.push_str(valid);
+                    push_visible(&mut out, valid);
                     break;
                 }
                 Err(error) => {
                     let (valid, after) = rest.split_at(error.valid_up_to());
-                    out.push_str(std::str::from_utf8(valid).expect("checked by from_utf8"));
+                    push_visible(
+                        &mut out,
+                        std::str::from_utf8(valid).expect("checked by from_utf8"),
+                    );
                     match error.error_len() {
                         Some(bad) => {
                             out.push(char::REPLACEMENT_CHARACTER);
@@ -65,6 +68,14 @@ impl Utf8Decoder {
             self.carry.clear();
             char::REPLACEMENT_CHARACTER.to_string()
         }
+    }
+}
+
+fn push_visible(out: &mut String, text: &str) {
+    if text.contains('\0') {
+        out.push_str(&text.replace('\0', "\u{2400}"));
+    } else {
+        out.push_str(text);
     }
 }
 
@@ -218,7 +229,10 @@ async fn write_batches(
                 }
             }
         }
-        store_with_retry(store.as_ref(), command, &chunks, progress).await;
+        if !store_with_retry(store.as_ref(), command, &chunks, progress).await {
+            // Followers read gaps from the store; what it lacks is not shown live either.
+            continue;
+        }
         for chunk in chunks {
             bus.publish(command, BusEvent::Output(Arc::new(chunk)))
                 .await;
@@ -234,11 +248,11 @@ async fn store_with_retry(
     command: CommandId,
     chunks: &[OutputChunk],
     progress: OutputProgress,
-) {
+) -> bool {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
         match store.append(command, chunks, progress).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(error) => {
                 tracing::warn!(%command, attempt, error = %error, "storing output failed, retrying");
                 tokio::time::sleep(delay).await;
@@ -247,6 +261,7 @@ async fn store_with_retry(
         }
     }
     tracing::error!(%command, chunks = chunks.len(), "output could not be stored and was dropped");
+    false
 }
 
 #[cfg(test)]
@@ -264,6 +279,12 @@ mod tests {
             out += &decoder.finish();
             assert_eq!(out, text, "split at {split}");
         }
+    }
+
+    #[test]
+    fn nul_becomes_a_visible_symbol() {
+        let mut decoder = Utf8Decoder::default();
+        assert_eq!(decoder.decode(b"a\0b"), "a\u{2400}b");
     }
 
     #[test]

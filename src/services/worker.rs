@@ -11,11 +11,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
-use crate::domain::command::{Command, CommandOutcome, CommandStatus, TerminationReason};
+use bytes::Bytes;
+
+use crate::domain::command::{
+    Command, CommandOutcome, CommandStatus, OutputStream, TerminationReason,
+};
 use crate::domain::project::{ExecutorKind, Project};
 use crate::ports::{
     BusEvent, Claim, Clock, CommandMetrics, CommandQueue, ExecRequest, Execution, Executor,
-    Finished, OutputBus, OutputProgress, OutputStore, ProjectRepository, Received, WorkSignal,
+    Finished, OutputBus, OutputProgress, OutputStore, PortError, ProjectRepository, Received,
+    Subscription, WorkSignal,
 };
 
 use super::recorder::{OutputRecorder, RecorderPorts};
@@ -45,6 +50,21 @@ pub struct WorkerPorts {
     pub local: Arc<dyn Executor>,
     /// `None` where no Kubernetes executor is configured: such projects' commands fail to start.
     pub kube: Option<Arc<dyn Executor>>,
+}
+
+/// What a running process did next.
+enum Step {
+    Output(Option<(OutputStream, Bytes)>),
+    Exited(Result<Option<i32>, PortError>),
+}
+
+/// Reads output while the pipes are open, then waits for the exit (both cancel-safe).
+async fn next_step(execution: &mut dyn Execution, output_open: bool) -> Step {
+    if output_open {
+        Step::Output(execution.next_output().await)
+    } else {
+        Step::Exited(execution.wait().await)
+    }
 }
 
 /// The workers of one replica: one claimer takes as many commands as there are free worker
@@ -171,7 +191,7 @@ impl WorkerPool {
         let mut batch = Vec::with_capacity(MAX_FINISH_BATCH);
         while requests.recv_many(&mut batch, MAX_FINISH_BATCH).await > 0 {
             let items: Vec<Finished> = batch.iter().map(|r| r.finished.clone()).collect();
-            match self.ports.queue.finish(&items).await {
+            match self.finish_with_retry(&items).await {
                 Ok(results) => {
                     for (request, result) in batch.drain(..).zip(results) {
                         let _ = request
@@ -185,6 +205,28 @@ impl WorkerPool {
                         let _ = request.reply.send(Err(message.clone()));
                     }
                 }
+            }
+        }
+    }
+
+    /// A failed write is retried: the command would otherwise be reaped as `lost` and its real
+    /// end forgotten. Commands already ended come back as per-item conflicts, not errors.
+    async fn finish_with_retry(
+        &self,
+        items: &[Finished],
+    ) -> Result<Vec<Result<Command, PortError>>, PortError> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.ports.queue.finish(items).await {
+                Ok(results) => return Ok(results),
+                Err(error) if attempt < 5 => {
+                    tracing::warn!(%error, attempt, "writing command ends failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
             }
         }
     }
@@ -236,8 +278,13 @@ impl WorkerPool {
             .publish(id, BusEvent::Status(CommandStatus::Running))
             .await;
 
+        // Subscribed before the start, so a cancel sent while the process starts is seen.
+        let events = self.ports.bus.subscribe(id);
         let outcome = match self.start(&command).await {
-            Ok(execution) => self.supervise(&command, execution, stop_running).await,
+            Ok(execution) => {
+                self.supervise(&command, execution, events, stop_running)
+                    .await
+            }
             Err(error) => {
                 tracing::warn!(command = %id, %error, "command could not be started");
                 self.outcome(
@@ -347,10 +394,10 @@ impl WorkerPool {
         &self,
         command: &Command,
         mut execution: Box<dyn Execution>,
+        mut events: Box<dyn Subscription>,
         stop_running: &CancellationToken,
     ) -> CommandOutcome {
         let id = command.id;
-        let mut events = self.ports.bus.subscribe(id);
         let mut recorder = OutputRecorder::start(
             id,
             self.settings.max_output_bytes,
@@ -370,14 +417,21 @@ impl WorkerPool {
         if stopped_by.is_some() {
             execution.terminate(self.settings.kill_grace).await;
         }
-        loop {
+        // Output first; once both pipes are closed, the exit. Timeout, cancel, shutdown and the
+        // lease heartbeat stay in force until the process is gone.
+        let mut output_open = true;
+        let exit = loop {
             let reason = tokio::select! {
-                output = execution.next_output() => match output {
-                    Some((stream, bytes)) => {
+                step = next_step(execution.as_mut(), output_open) => match step {
+                    Step::Output(Some((stream, bytes))) => {
                         recorder.record(stream, &bytes).await;
                         None
                     }
-                    None => break,
+                    Step::Output(None) => {
+                        output_open = false;
+                        None
+                    }
+                    Step::Exited(exit) => break exit,
                 },
                 _ = tokio::time::sleep_until(deadline), if stopped_by.is_none() => {
                     Some(TerminationReason::Timeout)
@@ -389,7 +443,10 @@ impl WorkerPool {
                 _ = stop_running.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Cancel),
                 _ = heartbeat.tick() => {
                     match self.ports.queue.renew_leases(&self.owner, &[id], self.settings.lease).await {
-                        Ok(cancelled) if cancelled.contains(&id) && stopped_by.is_none() => {
+                        // The reaper gave the command up (this replica stalled past its lease):
+                        // its slot is free again, so the process must not go on.
+                        Ok(renewed) if renewed.lost.contains(&id) => Some(TerminationReason::Lost),
+                        Ok(renewed) if renewed.cancel_requested.contains(&id) => {
                             Some(TerminationReason::Cancel)
                         }
                         Ok(_) => None,
@@ -400,13 +457,14 @@ impl WorkerPool {
                     }
                 }
             };
-            if let Some(reason) = reason {
+            if let Some(reason) = reason
+                && stopped_by.is_none()
+            {
                 tracing::info!(command = %id, reason = reason.as_str(), "stopping command");
                 stopped_by = Some(reason);
                 execution.terminate(self.settings.kill_grace).await;
             }
-        }
-        let exit = execution.wait().await;
+        };
         let progress = recorder.finish().await;
         match exit {
             Ok(code) => self.outcome(code, stopped_by, None, progress),
