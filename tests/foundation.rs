@@ -238,6 +238,26 @@ async fn scopes_limit_what_a_key_may_do(backend: Backend) {
         StatusCode::FORBIDDEN,
     )
     .await;
+    // An admin limited to some projects cannot mint keys or read the whole audit log.
+    let (_, limited_admin) = server
+        .create_key(json!({"name": "limited", "scopes": ["admin"], "project_ids": [project]}))
+        .await;
+    problem(
+        server
+            .post(
+                "/api/v1/api-keys",
+                &limited_admin,
+                json!({"name": "wide", "scopes": ["admin"]}),
+            )
+            .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    problem(
+        server.get("/api/v1/audit", &limited_admin).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
     server.stop().await;
 }
 

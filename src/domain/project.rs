@@ -286,8 +286,8 @@ pub fn parse_bounded(raw: i64, min: u32, max: u32) -> Result<u32, Rule> {
 
 /// A free-text description of at most 1000 characters.
 pub fn parse_description(raw: String) -> Result<String, Rule> {
-    if raw.chars().count() > 1000 {
-        Err(Rule::new("must be at most 1000 characters"))
+    if raw.chars().count() > 1000 || raw.contains('\0') {
+        Err(Rule::new("must be at most 1000 characters, without NUL"))
     } else {
         Ok(raw)
     }

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::domain::api_key::{
-    AllowedIps, ApiKey, KeyName, KeyRejection, PresentedKey, Scope, Scopes,
-};
+use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, KeyRejection, PresentedKey, Scopes};
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
 use crate::domain::ids::{ApiKeyId, ProjectId};
 use crate::ports::{ApiKeyRepository, Clock, PortError};
@@ -176,12 +174,16 @@ impl ApiKeyService {
             ("api_key", key.id.to_string()),
             json!({"name": key.name.as_str(), "scopes": key.scopes.to_csv(), "bootstrap": true}),
         );
-        self.keys.insert(&key, audit).await?;
-        Ok(generated.then_some(secret))
+        match self.keys.insert(&key, audit).await {
+            Ok(()) => Ok(generated.then_some(secret)),
+            // Another replica bootstrapped the same empty database at the same moment.
+            Err(PortError::Conflict(_)) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
     }
 
     pub async fn create(&self, caller: &Caller, new: NewKey) -> Result<IssuedKey, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         let secret = PresentedKey::generate(&mut rand::rng());
         let now = self.clock.now();
         if new.expires_at.is_some_and(|at| at <= now) {
@@ -210,12 +212,12 @@ impl ApiKeyService {
     }
 
     pub async fn list(&self, caller: &Caller) -> Result<Vec<ApiKey>, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         Ok(self.keys.list().await?)
     }
 
     pub async fn get(&self, caller: &Caller, id: ApiKeyId) -> Result<ApiKey, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         self.find(id).await
     }
 
@@ -230,7 +232,7 @@ impl ApiKeyService {
         id: ApiKeyId,
         changes: KeyChanges,
     ) -> Result<ApiKey, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         let mut key = self.find(id).await?;
         if let Some(name) = changes.name {
             key.name = name;
@@ -254,7 +256,7 @@ impl ApiKeyService {
 
     /// Revokes a key; revoking twice is harmless and keeps the first time.
     pub async fn revoke(&self, caller: &Caller, id: ApiKeyId) -> Result<ApiKey, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         let mut key = self.find(id).await?;
         if key.revoked_at.is_none() {
             key.revoked_at = Some(self.clock.now());
@@ -264,9 +266,10 @@ impl ApiKeyService {
         Ok(key)
     }
 
-    /// Replaces a key's secret: the old one stops working at once, the new one is shown once.
+    /// Replaces a key's secret: the old one stops working at once on this replica (others within
+    /// CACHE_TTL), the new one is shown once.
     pub async fn rotate(&self, caller: &Caller, id: ApiKeyId) -> Result<IssuedKey, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         let mut key = self.find(id).await?;
         if key.revoked_at.is_some() {
             return Err(ServiceError::Conflict(

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use crate::domain::api_key::Scope;
 use crate::domain::audit::{AuditEvent, ChainReport};
 use crate::ports::{AuditFilter, AuditLog, Page};
 
@@ -24,13 +23,13 @@ impl AuditService {
         caller: &Caller,
         mut filter: AuditFilter,
     ) -> Result<Page<AuditEvent>, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         filter.limit = filter.limit.clamp(1, MAX_PAGE);
         Ok(self.log.list(&filter).await?)
     }
 
     pub async fn verify(&self, caller: &Caller) -> Result<ChainReport, ServiceError> {
-        caller.require(Scope::Admin)?;
+        caller.require_unrestricted_admin()?;
         Ok(self.log.verify().await?)
     }
 }

@@ -25,6 +25,18 @@ impl Caller {
         }
     }
 
+    /// Managing keys and reading the audit log need `admin` on a key that is not limited to some
+    /// projects: a limited admin could otherwise mint or widen a key beyond its own reach, or
+    /// read other projects' audit rows.
+    pub fn require_unrestricted_admin(&self) -> Result<(), ServiceError> {
+        self.require(Scope::Admin)?;
+        if self.project_ids.is_empty() {
+            Ok(())
+        } else {
+            Err(ServiceError::LimitedKey)
+        }
+    }
+
     pub fn can_access(&self, project: ProjectId) -> bool {
         self.project_ids.is_empty() || self.project_ids.contains(&project)
     }

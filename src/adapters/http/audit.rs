@@ -112,6 +112,17 @@ async fn list_audit_events(
     caller: Caller,
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    for (name, value) in [("action", &query.action), ("target_id", &query.target_id)] {
+        if value
+            .as_deref()
+            .is_some_and(|v| v.contains('\0') || v.len() > 200)
+        {
+            return Err(ApiError::BadParameter {
+                what: "query parameter",
+                detail: format!("`{name}` must be at most 200 characters, without NUL"),
+            });
+        }
+    }
     let filter = AuditFilter {
         actor: query.actor.map(ApiKeyId::from_uuid),
         action: query.action,

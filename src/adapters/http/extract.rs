@@ -167,7 +167,11 @@ impl ClientIpResolver {
             .map(str::trim)
             .collect::<Vec<_>>();
         for hop in hops.into_iter().rev() {
-            let Ok(ip) = hop.parse::<IpAddr>() else { break };
+            // A hop that names no address cannot be trusted to be anyone: fail closed with an
+            // address no allowlist entry but "any" matches, rather than the proxy's own.
+            let Some(ip) = parse_hop(hop) else {
+                return IpAddr::from([0, 0, 0, 0]);
+            };
             client = ip.to_canonical();
             if !self.is_trusted(client) {
                 break;
@@ -177,10 +181,24 @@ impl ClientIpResolver {
     }
 }
 
+/// An `X-Forwarded-For` hop: an address, possibly with a port (`1.2.3.4:5678`, `[::1]:80`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Ok(socket) = hop.parse::<SocketAddr>() {
+        return Some(socket.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 /// What a request presents about itself before it is authenticated.
 pub struct Credentials {
     pub presented: Option<String>,
     pub client_ip: IpAddr,
+    /// The request came over loopback and named no other origin (no `X-Forwarded-For`): it was
+    /// made on this host, as `kubectl exec ... curl localhost` is.
+    pub local: bool,
     pub context: AuditContext,
 }
 
@@ -212,9 +230,12 @@ impl FromRequestParts<AppState> for Credentials {
         let trace_id = header_text("traceparent")
             .and_then(|tp| tp.split('-').nth(1).map(str::to_owned))
             .filter(|id| id.len() == 32);
+        let local =
+            peer.to_canonical().is_loopback() && !parts.headers.contains_key("x-forwarded-for");
         Ok(Credentials {
             presented,
             client_ip,
+            local,
             context: AuditContext {
                 actor: None,
                 client_ip: Some(client_ip.to_string()),
@@ -343,6 +364,24 @@ mod tests {
         // The left-most entry is whatever the client claimed; the right-most untrusted hop counts.
         let client = resolver.resolve(peer, &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"));
         assert_eq!(client, "1.2.3.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn forwarded_hops_with_ports_are_read_and_garbage_fails_closed() {
+        let resolver = ClientIpResolver::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(
+            resolver.resolve(peer, &headers("1.2.3.4:5678")),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            resolver.resolve(peer, &headers("[2001:db8::1]:80")),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            resolver.resolve(peer, &headers("unknown")),
+            "0.0.0.0".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

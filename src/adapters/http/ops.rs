@@ -59,8 +59,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// A jemalloc heap profile (gzipped pprof; `go tool pprof` reads it). Clients on loopback (such
-/// as `kubectl exec ... curl localhost:8080/...`) need no key; others need an admin key.
+/// A jemalloc heap profile (gzipped pprof; `go tool pprof` reads it). Requests made on this host
+/// (loopback peer, no `X-Forwarded-For`, as `kubectl exec ... curl localhost:8080/...`) need no
+/// key; others need an admin key.
 #[utoipa::path(get, path = "/debug/pprof/heap", tag = "operations",
     security((), ("bearer" = []), ("api_key" = [])),
     responses((status = 200, content_type = "application/octet-stream"), (status = 401, body = Problem),
@@ -69,7 +70,7 @@ async fn heap_profile(
     State(state): State<AppState>,
     credentials: Credentials,
 ) -> Result<Response, ApiError> {
-    if !credentials.client_ip.is_loopback() {
+    if !credentials.local {
         let caller = state
             .keys
             .authenticate(

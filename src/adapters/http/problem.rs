@@ -101,7 +101,7 @@ fn service_shape(error: &ServiceError) -> Shape {
             "unauthenticated",
             "Authentication required",
         ),
-        ServiceError::MissingScope(_) => {
+        ServiceError::MissingScope(_) | ServiceError::LimitedKey => {
             shape(StatusCode::FORBIDDEN, "forbidden", "Insufficient scope")
         }
         ServiceError::NotFound(_) => shape(StatusCode::NOT_FOUND, "not-found", "Not found"),
