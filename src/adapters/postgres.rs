@@ -18,7 +18,7 @@ use crate::domain::command::{Command, CommandStatus, OutputChunk};
 use crate::domain::ids::CommandId;
 use crate::ports::{Claim, Finished, OutputProgress, PortError, Relay, RemoteHint, RemoteInbox};
 
-use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
+use super::sql::{COMMAND_COLUMNS, command_from_row, db, push_output_insert, sql_repositories};
 
 const CHANNEL: &str = "rdev_events";
 const HINTS_PER_NOTIFY: usize = 60;
@@ -62,8 +62,10 @@ impl PgStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claim>, PortError> {
-        let now = truncate_to_micros(time::OffsetDateTime::now_utc());
-        let lease_until = now + lease;
+        // started_at is the database's clock when the claim took effect: this statement may wait
+        // for a project's row lock (or a pool connection), and a start stamped before the wait
+        // could precede the end of the command whose slot it took.
+        let lease_until = truncate_to_micros(time::OffsetDateTime::now_utc()) + lease;
         let rows = sqlx::query(&format!(
             "WITH slot AS ( \
                  SELECT p.id, GREATEST(LEAST(p.max_concurrency - p.running_commands, $1), 0) AS free \
@@ -81,7 +83,7 @@ impl PgStore {
                  UPDATE projects SET running_commands = running_commands + (SELECT COUNT(*) FROM picked) \
                  WHERE id = (SELECT id FROM slot) \
              ) \
-             UPDATE commands SET status = 'running', started_at = $2, lease_owner = $3, lease_expires_at = $4 \
+             UPDATE commands SET status = 'running', started_at = clock_timestamp(), lease_owner = $2, lease_expires_at = $3 \
              FROM picked WHERE commands.id = picked.id \
              RETURNING {}, picked.priority AS claim_priority, picked.seq AS claim_seq",
             COMMAND_COLUMNS
@@ -91,7 +93,6 @@ impl PgStore {
                 .join(", ")
         ))
         .bind(limit as i64)
-        .bind(now)
         .bind(owner)
         .bind(lease_until)
         .fetch_all(&self.pool)
@@ -175,17 +176,9 @@ impl PgStore {
     ) -> Result<(), PortError> {
         let mut query = sqlx::QueryBuilder::<Postgres>::new("");
         if !chunks.is_empty() {
-            query.push(
-                "WITH stored AS (INSERT INTO command_output (command_id, seq, stream, data) ",
-            );
-            query.push_values(chunks, |mut row, chunk| {
-                row.push_bind(command.as_uuid())
-                    .push_bind(chunk.seq)
-                    .push_bind(i64::from(chunk.stream.code()))
-                    .push_bind(chunk.data.as_str());
-            });
-            // A retried batch whose first commit did land is not an error.
-            query.push(" ON CONFLICT DO NOTHING) ");
+            query.push("WITH stored AS (");
+            push_output_insert(&mut query, command, chunks);
+            query.push(") ");
         }
         query
             .push("UPDATE commands SET last_seq = ")

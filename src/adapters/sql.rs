@@ -260,6 +260,28 @@ pub fn audit_from_row(row: &impl Cells) -> Result<AuditEvent, PortError> {
     })
 }
 
+/// Appends `INSERT INTO command_output ... ON CONFLICT DO NOTHING` for a batch (a retried batch
+/// whose first commit did land is not an error).
+pub fn push_output_insert<'a, DB>(
+    query: &mut sqlx::QueryBuilder<'a, DB>,
+    command: CommandId,
+    chunks: &'a [OutputChunk],
+) where
+    DB: sqlx::Database,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    query.push("INSERT INTO command_output (command_id, seq, stream, data) ");
+    query.push_values(chunks, |mut row, chunk| {
+        row.push_bind(command.as_uuid())
+            .push_bind(chunk.seq)
+            .push_bind(i64::from(chunk.stream.code()))
+            .push_bind(chunk.data.as_str());
+    });
+    query.push(" ON CONFLICT DO NOTHING");
+}
+
 /// Groups `(key id, cidr)` rows by key.
 pub fn group_allowed_ips(rows: Vec<(Uuid, String)>) -> BTreeMap<Uuid, Vec<String>> {
     let mut grouped: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();

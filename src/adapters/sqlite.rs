@@ -16,7 +16,7 @@ use crate::domain::command::{Command, OutputChunk};
 use crate::domain::ids::CommandId;
 use crate::ports::{Claim, Finished, OutputProgress, PortError};
 
-use super::sql::{COMMAND_COLUMNS, command_from_row, db, sql_repositories};
+use super::sql::{COMMAND_COLUMNS, command_from_row, db, push_output_insert, sql_repositories};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -192,17 +192,8 @@ impl SqliteStore {
     ) -> Result<(), PortError> {
         let mut tx = self.begin().await?;
         if !chunks.is_empty() {
-            let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO command_output (command_id, seq, stream, data) ",
-            );
-            insert.push_values(chunks, |mut row, chunk| {
-                row.push_bind(command.as_uuid())
-                    .push_bind(chunk.seq)
-                    .push_bind(i64::from(chunk.stream.code()))
-                    .push_bind(chunk.data.as_str());
-            });
-            // A retried batch whose first commit did land is not an error.
-            insert.push(" ON CONFLICT DO NOTHING");
+            let mut insert = sqlx::QueryBuilder::<Sqlite>::new("");
+            push_output_insert(&mut insert, command, chunks);
             insert.build().execute(&mut *tx).await.map_err(db)?;
         }
         sqlx::query(
