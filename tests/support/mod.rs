@@ -292,14 +292,7 @@ impl TestServer {
             .unwrap()
             .extend(extra.as_object().cloned().unwrap_or_default());
         let response = self.post("/api/v1/projects", ADMIN_KEY, body).await;
-        assert_eq!(
-            response.status(),
-            StatusCode::CREATED,
-            "{}",
-            response.text().await.unwrap()
-        );
-        let project: Value = response.json().await.unwrap();
-        project["id"].as_str().unwrap().to_owned()
+        created_id(response, StatusCode::CREATED).await
     }
 
     /// Submits a command and returns its id.
@@ -311,14 +304,7 @@ impl TestServer {
                 body,
             )
             .await;
-        assert_eq!(
-            response.status(),
-            StatusCode::ACCEPTED,
-            "{}",
-            response.text().await.unwrap()
-        );
-        let command: Value = response.json().await.unwrap();
-        command["id"].as_str().unwrap().to_owned()
+        created_id(response, StatusCode::ACCEPTED).await
     }
 
     pub async fn command(&self, id: &str) -> Value {
@@ -434,6 +420,16 @@ impl ServerProcess {
             server: TestServer::detached(format!("http://{address}")),
         }
     }
+}
+
+/// Checks a creating request answered `expected` (showing the body otherwise) and returns the
+/// `id` it created.
+async fn created_id(response: Response, expected: StatusCode) -> String {
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, expected, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    created["id"].as_str().unwrap().to_owned()
 }
 
 /// The output text of SSE `output` events, per stream (`stdout`, `stderr`).
