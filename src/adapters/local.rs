@@ -23,6 +23,15 @@ const READ_SIZE: usize = 8 * 1024;
 /// How long output is still read after the shell exited, from descendants outside its group.
 const PIPE_GRACE_AFTER_EXIT: Duration = Duration::from_secs(2);
 
+/// `sh` could not be started (a missing or unreadable working directory, most often).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start `sh` in {workdir}")]
+struct SpawnFailed {
+    workdir: String,
+    #[source]
+    cause: std::io::Error,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalExecutor;
 
@@ -42,8 +51,11 @@ impl Executor for LocalExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| {
-            PortError::Conflict(format!("cannot start `sh` in {}: {e}", request.workdir))
+        let mut child = command.spawn().map_err(|cause| {
+            PortError::Refused(Box::new(SpawnFailed {
+                workdir: request.workdir.clone(),
+                cause,
+            }))
         })?;
         let pgid = child
             .id()

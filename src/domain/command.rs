@@ -13,6 +13,10 @@ use super::validation::Rule;
 /// Longest accepted command line.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
+/// How long an `Idempotency-Key` is remembered: a retry within it returns the first command,
+/// and after it the key is free again.
+pub const IDEMPOTENCY_WINDOW: time::Duration = time::Duration::hours(24);
+
 /// Queue priority; higher runs first, FIFO within one.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -156,16 +160,19 @@ pub enum TerminationReason {
     Lost,
     /// The process could not be started.
     StartFailed,
+    /// The replica shut down and the process did not finish within the shutdown grace period.
+    Shutdown,
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 6] = [
+    pub const ALL: [TerminationReason; 7] = [
         TerminationReason::Exit,
         TerminationReason::Signal,
         TerminationReason::Timeout,
         TerminationReason::Cancel,
         TerminationReason::Lost,
         TerminationReason::StartFailed,
+        TerminationReason::Shutdown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -176,6 +183,7 @@ impl TerminationReason {
             TerminationReason::Cancel => "cancel",
             TerminationReason::Lost => "lost",
             TerminationReason::StartFailed => "start_failed",
+            TerminationReason::Shutdown => "shutdown",
         }
     }
 
@@ -315,6 +323,9 @@ impl CommandOutcome {
             }
             Some(TerminationReason::Cancel) => {
                 (CommandStatus::Cancelled, TerminationReason::Cancel)
+            }
+            Some(TerminationReason::Shutdown) => {
+                (CommandStatus::Cancelled, TerminationReason::Shutdown)
             }
             Some(TerminationReason::Lost) => (CommandStatus::Lost, TerminationReason::Lost),
             Some(TerminationReason::StartFailed) => {

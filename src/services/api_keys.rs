@@ -177,7 +177,7 @@ impl ApiKeyService {
         match self.keys.insert(&key, audit).await {
             Ok(()) => Ok(generated.then_some(secret)),
             // Another replica bootstrapped the same empty database at the same moment.
-            Err(PortError::Conflict(_)) => Ok(None),
+            Err(PortError::AlreadyExists(_)) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }

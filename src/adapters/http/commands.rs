@@ -117,7 +117,7 @@ pub struct CommandResponse {
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
     pub exit_code: Option<i32>,
-    /// Why it ended: `exit`, `signal`, `timeout`, `cancel`, `lost` or `start_failed`.
+    /// Why it ended: `exit`, `signal`, `timeout`, `cancel`, `lost`, `start_failed` or `shutdown`.
     pub termination_reason: Option<String>,
     pub error: Option<String>,
     pub cancel_requested: bool,
