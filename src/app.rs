@@ -222,10 +222,18 @@ async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: Cancellati
 /// Opens storage (applying migrations), bootstraps the first admin key, wires everything and
 /// returns a server bound to `listener`.
 pub async fn build(config: Config, listener: TcpListener) -> Result<App, StartupError> {
+    build_with_clock(config, listener, Arc::new(SystemClock)).await
+}
+
+/// [`build`] with another clock: tests move time to check expiry without sleeping.
+pub async fn build_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<App, StartupError> {
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let storage = Storage::open(&config).await?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ports = storage.ports(&clock);
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();

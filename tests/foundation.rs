@@ -3,8 +3,11 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdev_api::ports::Clock;
+use rdev_api::ports::clock::ManualClock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Backend, TestDb, TestServer, problem, test_config};
@@ -26,7 +29,8 @@ async fn api_key_lifecycle(backend: Backend) {
     let Some(db) = TestDb::new(backend).await else {
         return;
     };
-    let server = TestServer::start(&db).await;
+    let clock = Arc::new(ManualClock::default());
+    let server = TestServer::start_with_clock(test_config(&db), clock.clone()).await;
 
     let (id, secret) = server
         .create_key(json!({"name": "ci bot", "scopes": ["read"]}))
@@ -111,7 +115,7 @@ async fn api_key_lifecycle(backend: Backend) {
     assert!(body["detail"].as_str().unwrap().contains("revoked"));
 
     // Expiry.
-    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    let soon = clock.now() + time::Duration::seconds(60);
     let (_, short_lived) = server
         .create_key(json!({
             "name": "short",
@@ -123,7 +127,7 @@ async fn api_key_lifecycle(backend: Backend) {
         server.get("/api/v1/me", &short_lived).await.status(),
         StatusCode::OK
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clock.advance(Duration::from_secs(61));
     let body = problem(
         server.get("/api/v1/me", &short_lived).await,
         StatusCode::UNAUTHORIZED,

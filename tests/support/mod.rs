@@ -2,11 +2,14 @@
 //! file, or a new Postgres database), spoken to over HTTP.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use rdev_api::config::{Config, Secret};
+use rdev_api::ports::Clock;
+use rdev_api::ports::clock::SystemClock;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -171,8 +174,13 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> TestServer {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// A server whose time the test moves (`rdev_api::ports::clock::ManualClock`).
+    pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = rdev_api::app::build(config, listener)
+        let app = rdev_api::app::build_with_clock(config, listener, clock)
             .await
             .expect("server builds");
         let base = format!("http://{}", app.local_addr());
