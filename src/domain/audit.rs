@@ -28,18 +28,17 @@ impl AuditContext {
     }
 }
 
-/// Whether the audited action took effect.
+/// Whether the audited action took effect. Only changes that took effect are recorded today;
+/// the column exists so that refused attempts can be recorded without a schema change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    Failure,
 }
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
-            Outcome::Failure => "failure",
         }
     }
 }
