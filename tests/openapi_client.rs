@@ -136,7 +136,7 @@ async fn generator_venv() -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("cannot make the generator's virtualenv under CI: {why}");
     }
-    eprintln!("SKIPPED: no openapi-python-client ({why})");
+    support::skipped(&format!("no openapi-python-client ({why})"));
     None
 }
 
