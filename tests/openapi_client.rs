@@ -1,4 +1,5 @@
-//! The OpenAPI document as a user meets it: an independent generator (`openapi-python-client`
+//! The OpenAPI document as a user meets it: parameters declared where they are read, and an
+//! independent generator (`openapi-python-client`
 //! from PyPI) turns `/openapi.json` into a Python client without a warning, and that client
 //! creates a project, submits a command, reads it back and fetches its output from a real server.
 //!
@@ -87,6 +88,59 @@ async fn a_generated_python_client_submits_a_command_and_reads_its_output() {
     assert_eq!(lines, ["hello from python", "oops"]);
     assert_eq!(result["listed"], serde_json::json!([result["id"]]));
     assert_eq!(result["audited"], serde_json::json!([result["id"]]));
+    server.stop().await;
+}
+
+/// Needs no Python: every parameter is declared where the route reads it. A name in the path
+/// template is `in: path`; nothing else is, and the list endpoints' filters are `in: query`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_parameter_is_declared_where_the_route_reads_it() {
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
+    let server = TestServer::start(&db).await;
+    let spec: Value = server
+        .client
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut query_params = Vec::new();
+    for (path, operations) in spec["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let name = parameter["name"].as_str().unwrap();
+                let place = parameter["in"].as_str().unwrap();
+                let templated = path.contains(&format!("{{{name}}}"));
+                assert_eq!(
+                    place == "path",
+                    templated,
+                    "{method} {path}: `{name}` is declared in: {place}"
+                );
+                if place == "query" {
+                    query_params.push(format!("{method} {path} {name}"));
+                }
+            }
+        }
+    }
+    for expected in [
+        "get /api/v1/commands project_id",
+        "get /api/v1/commands status",
+        "get /api/v1/commands limit",
+        "get /api/v1/audit actor",
+        "get /api/v1/audit since",
+        "get /api/v1/commands/{id}/output stream",
+        "get /api/v1/commands/{id}/events last_event_id",
+        "get /api/v1/commands/{id}/events token",
+    ] {
+        assert!(
+            query_params.iter().any(|p| p == expected),
+            "{expected} is not a query parameter: {query_params:?}"
+        );
+    }
     server.stop().await;
 }
 
