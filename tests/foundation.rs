@@ -833,15 +833,7 @@ async fn operations_endpoints(backend: Backend) {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 
-    let openapi: Value = server
-        .client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi = server.openapi().await;
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/projects",

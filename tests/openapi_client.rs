@@ -29,18 +29,10 @@ async fn a_generated_python_client_submits_a_command_and_reads_its_output() {
         .await
         .expect("SQLite needs no server");
     let server = TestServer::start(&db).await;
-    let spec = server
-        .client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let spec = server.openapi().await;
     let work = tempfile::tempdir().unwrap();
     let spec_path = work.path().join("openapi.json");
-    std::fs::write(&spec_path, spec).unwrap();
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
 
     let generated = run(Command::new(venv.join("bin/openapi-python-client"))
         .arg("generate")
@@ -99,15 +91,7 @@ async fn every_parameter_is_declared_where_the_route_reads_it() {
         .await
         .expect("SQLite needs no server");
     let server = TestServer::start(&db).await;
-    let spec: Value = server
-        .client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = server.openapi().await;
     let mut query_params = Vec::new();
     for (path, operations) in spec["paths"].as_object().unwrap() {
         for (method, operation) in operations.as_object().unwrap() {

@@ -306,6 +306,18 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The OpenAPI document the server serves.
+    pub async fn openapi(&self) -> Value {
+        let response = self
+            .client
+            .get(self.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
     /// Creates a key and returns (id, secret).
     pub async fn create_key(&self, body: Value) -> (String, String) {
         let response = self.post("/api/v1/api-keys", ADMIN_KEY, body).await;
