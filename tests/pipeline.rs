@@ -255,7 +255,9 @@ async fn cancel_stops_the_whole_process_group(backend: Backend) {
         "cancelled"
     );
 
-    // The running one ignores SIGTERM in its shell, so the kill grace ends in SIGKILL for the group.
+    // The shell ignores SIGTERM and its child does not: a SIGTERM to the group ends the child,
+    // whereupon the shell's `wait` returns. Signalling only the shell would leave the child
+    // running (the timeout test covers a child that ignores SIGTERM too).
     let response = server
         .post(
             &format!("/api/v1/commands/{running}/cancel"),
