@@ -765,11 +765,46 @@ async fn bad_requests_are_problem_details(backend: Backend) {
         StatusCode::BAD_REQUEST,
     )
     .await;
-    problem(
+    let bad_status = problem(
         server
             .get("/api/v1/commands?status=sleeping", ADMIN_KEY)
             .await,
         StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(bad_status["errors"][0]["pointer"], "status");
+    let bad_stream = problem(
+        server
+            .get(
+                &format!("/api/v1/commands/{}/output?stream=both", uuid::Uuid::nil()),
+                ADMIN_KEY,
+            )
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(bad_stream["errors"][0]["pointer"], "stream");
+    let long_action = problem(
+        server
+            .get(
+                &format!("/api/v1/audit?action={}", "a".repeat(201)),
+                ADMIN_KEY,
+            )
+            .await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(long_action["type"], "urn:rdev:problem:bad-parameter");
+    assert!(
+        long_action["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 200 characters"),
+        "{long_action}"
+    );
+    problem(
+        server.get("/api/v1/audit?target_id=a%00b", ADMIN_KEY).await,
+        StatusCode::BAD_REQUEST,
     )
     .await;
     let wrong_method = server
@@ -802,15 +837,7 @@ async fn operations_endpoints(backend: Backend) {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 
-    let openapi: Value = server
-        .client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi = server.openapi().await;
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/projects",

@@ -261,6 +261,27 @@ impl OutputStream {
     }
 }
 
+/// Where a reader of a command's output resumes: after output number `seq`, 0 meaning from the
+/// start. It arrives as text (an SSE `Last-Event-ID`), so it has a parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResumePoint(i64);
+
+impl ResumePoint {
+    pub fn parse(raw: &str) -> Result<Self, Rule> {
+        raw.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|seq| *seq >= 0)
+            .map(Self)
+            .ok_or_else(|| Rule::new(format!("`{raw}` is not an output sequence number")))
+    }
+
+    /// The last output already seen; the reader wants everything after it.
+    pub fn after_seq(self) -> i64 {
+        self.0
+    }
+}
+
 /// One stored piece of output. `seq` starts at 1 and has no gaps within a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputChunk {
@@ -343,6 +364,15 @@ impl CommandOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_points_are_non_negative_sequence_numbers() {
+        assert_eq!(ResumePoint::parse(" 42 ").unwrap().after_seq(), 42);
+        assert_eq!(ResumePoint::parse("0").unwrap(), ResumePoint::default());
+        for bad in ["-1", "abc", "", "1.5"] {
+            assert!(ResumePoint::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn lifecycle_allows_only_forward_steps() {

@@ -105,7 +105,6 @@ impl ApiKeyService {
             .insert(key.id, now);
         Caller {
             key_id: key.id,
-            key_name: key.name.as_str().to_owned(),
             scopes: key.scopes,
             project_ids: key.project_ids,
             context: AuditContext {
