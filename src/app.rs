@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore, OutputBus,
-    OutputStore, ProjectRepository, WorkSignal,
+    OutputStore, ProjectRepository, SharedSecrets, WorkSignal,
 };
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
@@ -30,6 +30,10 @@ use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamT
 use crate::services::projects::ProjectService;
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
+/// The name of the stream token signing key in the shared secrets.
+const STREAM_TOKEN_SECRET: &str = "stream_token";
+/// How often an idle follower on Postgres re-reads the store, in case a NOTIFY hint was lost.
+const FOLLOWER_STORE_RECHECK: Duration = Duration::from_secs(5);
 /// How often batched `last_used_at` updates are written.
 const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -37,6 +41,8 @@ const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 pub enum StartupError {
     #[error("cannot open the database (DATABASE_URL)")]
     Database(#[source] sqlx::Error),
+    #[error("cannot read or store the shared stream token secret")]
+    SharedSecret(#[source] crate::ports::PortError),
     #[error("cannot set up metrics")]
     Metrics(#[source] prometheus::Error),
     #[error("cannot create the bootstrap admin key")]
@@ -61,6 +67,7 @@ struct Ports {
     commands: Arc<dyn CommandStore>,
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
+    secrets: Arc<dyn SharedSecrets>,
 }
 
 impl Storage {
@@ -88,6 +95,7 @@ impl Storage {
                 commands: Arc::new(db.command_store(clock.clone())),
                 queue: Arc::new(db.command_queue(clock.clone())),
                 output: Arc::new(db.output_store()),
+                secrets: Arc::new(db.shared_secrets()),
             },
             Storage::Postgres(db) => Ports {
                 keys: Arc::new(db.api_keys()),
@@ -96,6 +104,7 @@ impl Storage {
                 commands: Arc::new(db.command_store(clock.clone())),
                 queue: Arc::new(db.command_queue()),
                 output: Arc::new(db.output_store()),
+                secrets: Arc::new(db.shared_secrets()),
             },
         }
     }
@@ -281,11 +290,18 @@ pub async fn build_with_clock(
             max_queued: config.max_queued,
         },
     ));
-    let token_secret = config
-        .stream_token_secret
-        .as_ref()
-        .map(|s| s.expose().as_bytes().to_vec())
-        .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+    let token_secret = match &config.stream_token_secret {
+        Some(secret) => secret.expose().as_bytes().to_vec(),
+        None => {
+            let candidate = hex::encode(rand::random::<[u8; 32]>());
+            ports
+                .secrets
+                .get_or_insert(STREAM_TOKEN_SECRET, &candidate)
+                .await
+                .map_err(StartupError::SharedSecret)?
+                .into_bytes()
+        }
+    };
     let follow = Arc::new(FollowService::new(
         commands.clone(),
         FollowPorts {
@@ -293,13 +309,20 @@ pub async fn build_with_clock(
             output: ports.output.clone(),
             bus: output_bus.clone(),
             clock: clock.clone(),
+            store_recheck: match &storage {
+                Storage::Sqlite(_) => None,
+                Storage::Postgres(_) => Some(FOLLOWER_STORE_RECHECK),
+            },
         },
         StreamLimiter::new(
             config.max_sse_connections,
             config.max_sse_per_key,
             command_metrics.clone(),
         ),
-        StreamTokens::new(token_secret),
+        StreamTokens::new(
+            token_secret,
+            Duration::from_secs(config.stream_token_ttl_secs),
+        ),
     ));
     let workers = WorkerPool::new(
         WorkerPorts {

@@ -11,6 +11,7 @@ pub mod notify;
 pub mod output;
 pub mod projects;
 pub mod queue;
+pub mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub use notify::PgRelay;
 pub use output::PgOutputStore;
 pub use projects::PgProjectRepository;
 pub use queue::PgCommandQueue;
+pub use secrets::PgSharedSecrets;
 
 use crate::ports::Clock;
 
@@ -72,6 +74,10 @@ impl PgDatabase {
 
     pub fn output_store(&self) -> PgOutputStore {
         PgOutputStore::new(self.pool.clone())
+    }
+
+    pub fn shared_secrets(&self) -> PgSharedSecrets {
+        PgSharedSecrets::new(self.pool.clone())
     }
 
     /// True when the database answers.

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod output;
 pub mod projects;
 pub mod queue;
+pub mod secrets;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub use commands::SqliteCommandStore;
 pub use output::SqliteOutputStore;
 pub use projects::SqliteProjectRepository;
 pub use queue::SqliteCommandQueue;
+pub use secrets::SqliteSharedSecrets;
 
 use super::sql::db;
 use crate::ports::{Clock, PortError};
@@ -88,6 +90,10 @@ impl SqliteDatabase {
 
     pub fn output_store(&self) -> SqliteOutputStore {
         SqliteOutputStore::new(self.clone())
+    }
+
+    pub fn shared_secrets(&self) -> SqliteSharedSecrets {
+        SqliteSharedSecrets::new(self.clone())
     }
 
     /// True when the database answers.

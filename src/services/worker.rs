@@ -268,16 +268,17 @@ impl WorkerPool {
         }
     }
 
-    /// Marks commands whose lease expired `lost`. After this replica lost contact with the
-    /// database, it reaps nothing until a whole lease after contact is back: the replicas running
-    /// those commands were as blind as this one, and get that long to renew.
+    /// Marks commands whose lease expired `lost`. When this replica has been out of contact
+    /// with the database (an outage, or the process was paused), it reaps nothing until a whole
+    /// lease after contact is back: the replicas running those commands were likely as blind,
+    /// and get that long to renew.
     async fn reap_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let every = (self.settings.lease / 2).max(Duration::from_millis(500));
-        let mut reap_after = tokio::time::Instant::now();
-        let mut blind = false;
+        let mut last_contact = Instant::now();
+        let mut reap_after = Instant::now();
         loop {
-            if blind {
-                // A renewal of no leases: a round trip that changes nothing.
+            if last_contact.elapsed() > every * 2 {
+                // Blind for a while: a renewal of no leases is a round trip that changes nothing.
                 if self
                     .ports
                     .queue
@@ -285,12 +286,12 @@ impl WorkerPool {
                     .await
                     .is_ok()
                 {
-                    blind = false;
-                    reap_after = tokio::time::Instant::now() + self.settings.lease;
+                    last_contact = Instant::now();
+                    reap_after = last_contact + self.settings.lease;
                     tracing::info!(grace = ?self.settings.lease, "database reachable again; reaping resumes after a lease");
                 }
-            } else if tokio::time::Instant::now() >= reap_after {
-                self.reap_once(&mut blind).await;
+            } else if Instant::now() >= reap_after && self.reap_once().await {
+                last_contact = Instant::now();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -299,7 +300,8 @@ impl WorkerPool {
         }
     }
 
-    async fn reap_once(&self, blind: &mut bool) {
+    /// True when the database answered.
+    async fn reap_once(&self) -> bool {
         match self
             .ports
             .queue
@@ -317,10 +319,11 @@ impl WorkerPool {
                 if !lost.is_empty() {
                     self.ports.work.announce().await;
                 }
+                true
             }
             Err(error) => {
-                *blind = true;
                 tracing::warn!(error = %error, "expiring leases failed");
+                false
             }
         }
     }
@@ -473,8 +476,8 @@ impl WorkerPool {
             tokio::time::Instant::now() + Duration::from_secs(command.timeout_secs.into());
         let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
         heartbeat.tick().await;
-        // The claim was a renewal: from here, a lease without a successful renewal means another
-        // replica may have reaped the command, so this one stops it (self-fencing).
+        // The claim was a renewal: from here, a long stretch without a successful renewal means
+        // another replica may have reaped the command, so this one stops it (self-fencing).
         let mut renewed_at = Instant::now();
         let mut stopped_by = command
             .cancel_requested
@@ -517,8 +520,10 @@ impl WorkerPool {
                             renewed_at = Instant::now();
                             renewed.cancel_requested.contains(&id).then_some(TerminationReason::Cancel)
                         }
-                        Err(error) if renewed_at.elapsed() >= self.settings.lease => {
-                            tracing::warn!(command = %id, %error, "no lease renewal for a whole lease: stopping the command");
+                        // Two leases: the lease, and the lease of grace reapers give after an
+                        // outage. Past that, another replica may have reaped the command.
+                        Err(error) if renewed_at.elapsed() >= self.settings.lease * 2 => {
+                            tracing::warn!(command = %id, %error, "no lease renewal for two leases: stopping the command");
                             Some(TerminationReason::Lost)
                         }
                         Err(error) => {

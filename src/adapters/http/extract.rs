@@ -336,6 +336,7 @@ impl FromRequestParts<AppState> for StreamCaller {
         let key = state
             .follow
             .token_key(&token, command)
+            .await?
             .ok_or(ApiError::Service(ServiceError::Unauthenticated(
                 KeyRejection::Invalid,
             )))?;
