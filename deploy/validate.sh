@@ -94,8 +94,15 @@ git check-ignore -q deploy/k8s/secrets.yaml || fail "deploy/k8s/secrets.yaml mus
 step "alert rules (promtool)"
 "$py" - "$work/prod.yaml" "$work/rules.yaml" <<'PY'
 import sys, yaml
+import os
 rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
 yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"), sort_keys=False)
+alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+missing = [(r["alert"], r["annotations"].get("runbook_url")) for r in alerts
+           if not os.path.isfile(r["annotations"].get("runbook_url") or "")]
+if missing:
+    sys.exit(f"alerts without a runbook file: {missing}")
+print(f"{len(alerts)} alerts, each with its runbook in docs/operations/")
 PY
 cp deploy/k8s/alerts.test.yaml "$work/"
 promtool check rules "$work/rules.yaml"
