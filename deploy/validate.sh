@@ -83,7 +83,13 @@ config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
 spec = deployment["spec"]["template"]["spec"]
 budget = 5 + int(config["RDEV_DRAIN_DELAY_SECS"]) + int(config["RDEV_SHUTDOWN_GRACE_SECS"]) + int(config["RDEV_KILL_GRACE_SECS"])
 assert spec["terminationGracePeriodSeconds"] > budget, f"terminationGracePeriodSeconds covers preStop + drain + grace + kill ({budget} s)"
-print("names, port, memory limit and shutdown budget as the runbooks and the server expect")
+# Every variable set is one the server reads (README's Configuration table), so a typo fails here.
+import re
+known = set(re.findall(r"^\| `([A-Z_]+)` \|", open("README.md").read(), re.M)) | {"RUST_LOG"}
+secret = yaml.safe_load(open("deploy/k8s/secret.example.yaml"))["stringData"]
+unknown = sorted((set(config) | set(secret)) - known)
+assert not unknown, f"variables the README's Configuration table does not list: {unknown}"
+print("names, port, memory limit, shutdown budget and variables as the runbooks and the server expect")
 PY
 done
 
