@@ -14,8 +14,8 @@ use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::local::LocalExecutor;
-use crate::adapters::postgres::PgStore;
-use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
+use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
 use crate::config::Config;
 use crate::ports::clock::SystemClock;
@@ -50,8 +50,8 @@ pub enum StartupError {
 /// The database behind every storage port.
 #[derive(Clone)]
 enum Storage {
-    Sqlite(Arc<SqliteStore>),
-    Postgres(Arc<PgStore>),
+    Sqlite(SqliteDatabase),
+    Postgres(PgDatabase),
 }
 
 struct Ports {
@@ -67,43 +67,43 @@ impl Storage {
     async fn open(config: &Config) -> Result<Self, StartupError> {
         let url = config.database_url.expose();
         if url.starts_with("postgres") {
-            let store = PgStore::connect(url, config.db_max_connections)
+            let db = PgDatabase::connect(url, config.db_max_connections)
                 .await
                 .map_err(StartupError::Database)?;
-            Ok(Storage::Postgres(Arc::new(store)))
+            Ok(Storage::Postgres(db))
         } else {
-            let store = SqliteStore::connect(url)
+            let db = SqliteDatabase::connect(url)
                 .await
                 .map_err(StartupError::Database)?;
-            Ok(Storage::Sqlite(Arc::new(store)))
+            Ok(Storage::Sqlite(db))
         }
     }
 
-    fn ports(&self) -> Ports {
+    fn ports(&self, clock: &Arc<dyn Clock>) -> Ports {
         match self {
-            Storage::Sqlite(s) => Ports {
-                keys: s.clone(),
-                projects: s.clone(),
-                audit: s.clone(),
-                commands: s.clone(),
-                queue: s.clone(),
-                output: s.clone(),
+            Storage::Sqlite(db) => Ports {
+                keys: Arc::new(db.api_keys()),
+                projects: Arc::new(db.projects()),
+                audit: Arc::new(db.audit_log()),
+                commands: Arc::new(db.command_store(clock.clone())),
+                queue: Arc::new(db.command_queue(clock.clone())),
+                output: Arc::new(db.output_store()),
             },
-            Storage::Postgres(s) => Ports {
-                keys: s.clone(),
-                projects: s.clone(),
-                audit: s.clone(),
-                commands: s.clone(),
-                queue: s.clone(),
-                output: s.clone(),
+            Storage::Postgres(db) => Ports {
+                keys: Arc::new(db.api_keys()),
+                projects: Arc::new(db.projects()),
+                audit: Arc::new(db.audit_log()),
+                commands: Arc::new(db.command_store(clock.clone())),
+                queue: Arc::new(db.command_queue()),
+                output: Arc::new(db.output_store()),
             },
         }
     }
 
     async fn close(&self) {
         match self {
-            Storage::Sqlite(s) => s.close().await,
-            Storage::Postgres(s) => s.close().await,
+            Storage::Sqlite(db) => db.close().await,
+            Storage::Postgres(db) => db.close().await,
         }
     }
 }
@@ -178,7 +178,8 @@ impl App {
                 }
             }
         });
-        let worker_task = tokio::spawn(workers.run(shutdown.clone()));
+        // From SIGTERM on this replica claims nothing; queued commands wait for the others.
+        let worker_task = tokio::spawn(workers.run(draining.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
         // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
         let listener = listener.tap_io(|tcp| {
@@ -221,20 +222,34 @@ async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: Cancellati
 /// Opens storage (applying migrations), bootstraps the first admin key, wires everything and
 /// returns a server bound to `listener`.
 pub async fn build(config: Config, listener: TcpListener) -> Result<App, StartupError> {
+    build_with_clock(config, listener, Arc::new(SystemClock)).await
+}
+
+/// [`build`] with another clock: tests move time to check expiry without sleeping.
+pub async fn build_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<App, StartupError> {
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let storage = Storage::open(&config).await?;
-    let ports = storage.ports();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ports = storage.ports(&clock);
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let replica = replica_name();
 
     let bus = match &storage {
         Storage::Sqlite(_) => InProcessBus::local(),
-        Storage::Postgres(pg) => {
-            let bus = InProcessBus::relayed(Arc::new(pg.relay(replica.clone())));
-            pg.listen(replica.clone(), bus.clone(), shutdown.clone());
+        Storage::Postgres(db) => {
+            let relay = PgRelay::new(db.pool().clone(), replica.clone());
+            let bus = InProcessBus::relayed(Arc::new(relay));
+            notify::listen(
+                db.pool().clone(),
+                replica.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            );
             bus
         }
     };
