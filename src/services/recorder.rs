@@ -110,6 +110,9 @@ pub struct Fence {
     pub owner: String,
     /// Cancelled when the store refused an append because the lease is gone: the process must stop.
     pub lost: CancellationToken,
+    /// How long a batch is retried while the store is unreachable (the worker keeps its command
+    /// about as long without a lease renewal); meanwhile the bounded backlog holds the process.
+    pub retry_for: Duration,
 }
 
 impl OutputRecorder {
@@ -243,7 +246,7 @@ async fn write_batches(
             // Fenced off: nothing more of this command may be stored or shown.
             continue;
         }
-        match store_with_retry(store.as_ref(), command, &fence.owner, &chunks, progress).await {
+        match store_with_retry(store.as_ref(), command, &fence, &chunks, progress).await {
             Stored::Yes => {}
             // Followers read gaps from the store; what it lacks is not shown live either.
             Stored::Dropped => continue,
@@ -269,27 +272,34 @@ enum Stored {
     LeaseLost,
 }
 
+/// Longest pause between two attempts to store a batch.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 async fn store_with_retry(
     store: &dyn OutputStore,
     command: CommandId,
-    owner: &str,
+    fence: &Fence,
     chunks: &[OutputChunk],
     progress: OutputProgress,
 ) -> Stored {
+    let give_up = tokio::time::Instant::now() + fence.retry_for;
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=5 {
-        match store.append(command, owner, chunks, progress).await {
+    for attempt in 1.. {
+        match store.append(command, &fence.owner, chunks, progress).await {
             Ok(()) => return Stored::Yes,
             Err(PortError::LeaseLost) => return Stored::LeaseLost,
-            Err(error) => {
+            Err(error) if tokio::time::Instant::now() < give_up => {
                 tracing::warn!(%command, attempt, error = %error, "storing output failed, retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+            Err(error) => {
+                tracing::error!(%command, chunks = chunks.len(), error = %error, "output could not be stored and was dropped");
+                return Stored::Dropped;
             }
         }
     }
-    tracing::error!(%command, chunks = chunks.len(), "output could not be stored and was dropped");
-    Stored::Dropped
+    unreachable!("the attempts only end by returning")
 }
 
 #[cfg(test)]

@@ -465,6 +465,7 @@ impl WorkerPool {
             Fence {
                 owner: self.owner.clone(),
                 lost: lease_lost.clone(),
+                retry_for: self.settings.lease * 2,
             },
             RecorderPorts {
                 store: self.ports.output.clone(),

@@ -2,6 +2,8 @@
 //! file, or a new Postgres database), spoken to over HTTP.
 #![allow(dead_code)]
 
+pub mod own_postgres;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,6 +143,15 @@ impl TestDb {
                     pg_name: Some(name),
                 })
             }
+        }
+    }
+
+    /// A database the test set up itself (nothing is dropped afterwards).
+    pub fn at(url: &str) -> TestDb {
+        TestDb {
+            url: url.to_owned(),
+            _dir: None,
+            pg_name: None,
         }
     }
 
