@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
-use crate::adapters::local::LocalExecutor;
+use crate::adapters::local::{LocalExecutor, RunAs};
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
@@ -43,6 +43,8 @@ pub enum StartupError {
     Database(#[source] sqlx::Error),
     #[error("cannot read or store the shared stream token secret")]
     SharedSecret(#[source] crate::ports::PortError),
+    #[error("cannot run local commands as the configured user")]
+    RunAs(#[source] crate::adapters::local::UnknownUser),
     #[error("cannot set up metrics")]
     Metrics(#[source] prometheus::Error),
     #[error("cannot create the bootstrap admin key")]
@@ -324,6 +326,18 @@ pub async fn build_with_clock(
             Duration::from_secs(config.stream_token_ttl_secs),
         ),
     ));
+    let run_as = match &config.local_run_as {
+        Some(name) => Some(RunAs::lookup(name).map_err(StartupError::RunAs)?),
+        None => {
+            // SAFETY: geteuid has no preconditions and touches no memory.
+            if unsafe { libc::geteuid() } == 0 {
+                tracing::warn!(
+                    "running as root without RDEV_LOCAL_RUN_AS: local commands run as root and can read the database and this server's environment"
+                );
+            }
+            None
+        }
+    };
     let workers = WorkerPool::new(
         WorkerPorts {
             queue: ports.queue,
@@ -333,7 +347,7 @@ pub async fn build_with_clock(
             work,
             clock: clock.clone(),
             metrics: command_metrics,
-            local: Arc::new(LocalExecutor),
+            local: Arc::new(LocalExecutor::new(run_as)),
             kube: None,
         },
         WorkerSettings {

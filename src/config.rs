@@ -146,6 +146,11 @@ pub struct Config {
     #[arg(long, env = "RDEV_EXECUTOR", value_name = "RDEV_EXECUTOR", default_value = "local", value_parser = parse_executor)]
     pub executor: ExecutorKind,
 
+    /// Run local commands as this unprivileged user (uid, gid, no supplementary groups), so
+    /// they cannot read the database file or the server's environment. Needs a root server.
+    #[arg(long, env = "RDEV_LOCAL_RUN_AS", value_name = "RDEV_LOCAL_RUN_AS")]
+    pub local_run_as: Option<String>,
+
     /// Key that signs SSE stream tokens. When unset, one is generated once and kept in the
     /// database, so every replica sharing it agrees.
     #[arg(

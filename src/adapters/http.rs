@@ -152,9 +152,27 @@ pub fn router(state: AppState) -> Router {
     .with_state(state)
 }
 
+/// The `method` label: one of the standard methods, else `other`, so a client inventing
+/// methods cannot add series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -162,7 +180,7 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
         .to_owned();
     let response = next.run(request).await;
     state.metrics.http_request(
-        method.as_str(),
+        method,
         &route,
         response.status().as_u16(),
         started.elapsed(),

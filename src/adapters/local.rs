@@ -1,6 +1,13 @@
 //! The local-process executor: `sh -c <command>` in the project's workdir, in its own process
 //! group so that stopping it reaches every child, with a high `oom_score_adj` so the kernel
 //! picks a runaway command before the server.
+//!
+//! A command gets only what it is given: a cleared environment with the project's and the
+//! command's variables on top of a small fixed base ([`BASE_ENV`]), never the server's own
+//! (`RDEV_*`, `DATABASE_URL`, `OTEL_*`, `KUBECONFIG`). With [`RunAs`] it runs as another,
+//! unprivileged user (its uid and gid, no supplementary groups), which keeps it away from the
+//! database file and the server's `/proc/<pid>/environ`. That is a separate uid, not a sandbox:
+//! the command still sees the filesystem and network that user may see.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -32,8 +39,83 @@ struct SpawnFailed {
     cause: std::io::Error,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LocalExecutor;
+/// The variables every command starts with (the project's and the command's come on top).
+pub const BASE_ENV: [(&str, &str); 3] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
+/// An unprivileged user commands run as (`RDEV_LOCAL_RUN_AS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no user `{0}` on this system (RDEV_LOCAL_RUN_AS)")]
+pub struct UnknownUser(String);
+
+impl RunAs {
+    /// Looks the user up in the system's user database.
+    pub fn lookup(name: &str) -> Result<Self, UnknownUser> {
+        let unknown = || UnknownUser(name.to_owned());
+        let c_name = std::ffi::CString::new(name).map_err(|_| unknown())?;
+        // SAFETY: passwd is a plain C struct of integers and pointers; all-zero is a valid value.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buffer: Vec<libc::c_char> = vec![0; 16 * 1024];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: getpwnam_r writes only into `entry` and `buffer`, whose sizes it is given, and
+        // sets `found` to `&entry` or null; the strings read below point into `buffer`.
+        let status = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut found,
+            )
+        };
+        if status != 0 || found.is_null() {
+            return Err(unknown());
+        }
+        // SAFETY: on success pw_dir is a NUL-terminated string inside `buffer`.
+        let home = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) }
+            .to_string_lossy()
+            .into_owned();
+        Ok(Self {
+            name: name.to_owned(),
+            uid: entry.pw_uid,
+            gid: entry.pw_gid,
+            home,
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LocalExecutor {
+    run_as: Option<RunAs>,
+}
+
+impl LocalExecutor {
+    pub fn new(run_as: Option<RunAs>) -> Self {
+        Self { run_as }
+    }
+
+    /// `HOME` for commands: the run-as user's, else the server's own.
+    fn home(&self) -> String {
+        match &self.run_as {
+            Some(user) => user.home.clone(),
+            None => std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        }
+    }
+}
 
 #[async_trait]
 impl Executor for LocalExecutor {
@@ -45,12 +127,19 @@ impl Executor for LocalExecutor {
             .arg("-c")
             .arg(&request.command)
             .current_dir(&request.workdir)
+            .env_clear()
+            .envs(BASE_ENV)
+            .env("HOME", self.home())
             .envs(request.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(user) = &self.run_as {
+            // std drops the supplementary groups when a root parent sets the uid.
+            command.uid(user.uid).gid(user.gid);
+        }
         let mut child = command.spawn().map_err(|cause| {
             PortError::Refused(Box::new(SpawnFailed {
                 workdir: request.workdir.clone(),
@@ -254,7 +343,10 @@ mod tests {
     }
 
     async fn run(command: &str) -> (String, String, Option<i32>) {
-        let mut execution = LocalExecutor.start(request(command)).await.unwrap();
+        let mut execution = LocalExecutor::default()
+            .start(request(command))
+            .await
+            .unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some((stream, bytes)) = execution.next_output().await {
             match stream {
@@ -280,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn terminate_reaches_children_of_the_shell() {
-        let mut execution = LocalExecutor
+        let mut execution = LocalExecutor::default()
             .start(request("sleep 30 & sleep 30; echo never"))
             .await
             .unwrap();
@@ -303,7 +395,7 @@ mod tests {
     async fn terminate_reaches_descendants_that_left_the_group() {
         // `setsid` starts a new session, `timeout` a new process group; the last one is a
         // grandchild in a session of its own.
-        let mut execution = LocalExecutor
+        let mut execution = LocalExecutor::default()
             .start(request(
                 "echo $$; setsid sleep 300 & echo $!; timeout 300 sleep 300 & echo $!; \
                  sh -c 'setsid sleep 300 & wait' & echo $!; wait",
@@ -353,6 +445,6 @@ mod tests {
     async fn a_missing_workdir_fails_to_start() {
         let mut req = request("true");
         req.workdir = "/definitely/not/here".into();
-        assert!(LocalExecutor.start(req).await.is_err());
+        assert!(LocalExecutor::default().start(req).await.is_err());
     }
 }

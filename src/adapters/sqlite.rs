@@ -55,6 +55,7 @@ impl SqliteDatabase {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        owner_only(options.get_filename())?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -105,4 +106,21 @@ impl SqliteDatabase {
         self.writer.close().await;
         self.reader.close().await;
     }
+}
+
+/// Makes the database file and its WAL companions readable and writable by the server's user
+/// only: commands run as another user (`RDEV_LOCAL_RUN_AS`) must not open it.
+fn owner_only(database: &std::path::Path) -> Result<(), sqlx::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = database.as_os_str().to_owned();
+        path.push(suffix);
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(sqlx::Error::Io(error));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,147 @@
+//! What a command can reach, tried as an attacker with an `execute` key would: the real binary,
+//! a real command, and the server's secrets within reach of a careless executor.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer};
+
+async fn run(server: &TestServer, project: &str, command: &str) -> (String, String) {
+    let id = server.submit(project, json!({"command": command})).await;
+    let done = server.wait_for(&id, None, Duration::from_secs(20)).await;
+    let output = server
+        .get(&format!("/api/v1/commands/{id}/output"), ADMIN_KEY)
+        .await
+        .text()
+        .await
+        .unwrap();
+    (done["status"].as_str().unwrap().to_owned(), output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_see_none_of_the_servers_variables() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let process = ServerProcess::start(
+        &db,
+        &[
+            ("OTEL_SERVICE_NAME", "rdev-secret-otel"),
+            ("KUBECONFIG", "/secret/kubeconfig"),
+            (
+                "RDEV_STREAM_TOKEN_SECRET",
+                "a-secret-the-command-must-not-see",
+            ),
+        ],
+    )
+    .await;
+    let server = &process.server;
+    let project = server
+        .create_project("env", json!({"env": {"PROJECT_VAR": "p"}}))
+        .await;
+    let (status, output) = run(server, &project, "env").await;
+    assert_eq!(status, "succeeded");
+    let names: Vec<&str> = output
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    for leaked in ["RDEV_", "DATABASE_URL", "OTEL_", "KUBECONFIG"] {
+        assert!(
+            !names.iter().any(|name| name.starts_with(leaked)),
+            "{leaked} reached the command: {output}"
+        );
+    }
+    assert!(
+        !output.contains(ADMIN_KEY),
+        "the admin key reached the command"
+    );
+    for expected in ["PATH", "HOME", "LANG", "TERM", "PROJECT_VAR"] {
+        assert!(names.contains(&expected), "{expected} missing: {output}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_run_as_another_user_cannot_read_the_database_or_the_servers_environ() {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        support::skipped("switching users needs a root test runner");
+        return;
+    }
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let database = db.url.trim_start_matches("sqlite://").to_owned();
+    let directory = std::path::Path::new(&database).parent().unwrap();
+    // Open the directory to everyone: only the file's own mode may keep the command out.
+    std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let process = ServerProcess::start(&db, &[("RDEV_LOCAL_RUN_AS", "nobody")]).await;
+    let server = &process.server;
+    let project = server
+        .create_project("jail", json!({"workdir": "/tmp"}))
+        .await;
+    let server_pid = process.child.id().unwrap();
+
+    let (_, whoami) = run(server, &project, "id -u; id -G").await;
+    assert_eq!(
+        whoami, "65534\n65534\n",
+        "nobody's uid and only its own group"
+    );
+    let mode = std::fs::metadata(&database).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the database file is the server's alone"
+    );
+
+    let (status, output) = run(server, &project, &format!("cat {database} | wc -c")).await;
+    assert_eq!(status, "succeeded");
+    assert!(output.contains("Permission denied"), "{output}");
+    let (_, environ) = run(server, &project, &format!("cat /proc/{server_pid}/environ")).await;
+    assert!(!environ.contains(ADMIN_KEY), "{environ}");
+    assert!(environ.contains("Permission denied"), "{environ}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_and_paths_add_no_metric_series() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let series = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("rdev_http_requests_total{"))
+            .count()
+    };
+    for n in 0..3 {
+        let method = reqwest::Method::from_bytes(format!("PROBE{n}").as_bytes()).unwrap();
+        server
+            .client
+            .request(method, server.url("/health"))
+            .send()
+            .await
+            .unwrap();
+        server.get(&format!("/no/such/path/{n}"), ADMIN_KEY).await;
+    }
+    server.metrics().await; // its own series, counted from the next scrape on
+    let before = series(&server.metrics().await);
+    for n in 3..50 {
+        let method = reqwest::Method::from_bytes(format!("PROBE{n}").as_bytes()).unwrap();
+        server
+            .client
+            .request(method, server.url("/health"))
+            .send()
+            .await
+            .unwrap();
+        server.get(&format!("/no/such/path/{n}"), ADMIN_KEY).await;
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(series(&metrics), before, "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    assert!(!metrics.contains("PROBE"), "{metrics}");
+    assert!(!metrics.contains("/no/such/path"), "{metrics}");
+    server.stop().await;
+}
