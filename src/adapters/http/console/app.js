@@ -300,6 +300,8 @@ async function runCommand(event) {
   try {
     const command = await api(`/projects/${projectId}/commands`, { method: 'POST', body });
     openCommand(command);
+    // On a phone the output sits below the form: bring it into view.
+    if (window.matchMedia('(max-width: 800px)').matches) $('viewer').scrollIntoView({ block: 'start' });
     refreshAll();
   } catch (error) {
     showError('run-error', error);

@@ -69,7 +69,7 @@ function propertiesTable(schema) {
 function operation(path, method, op) {
   const id = `op-${method}-${path.replace(/[^a-zA-Z0-9]+/g, '-')}`;
   const body = el('div', { class: 'body' });
-  if (op.description || op.summary) body.append(el('p', {}, op.description || op.summary));
+  if (op.description && op.description !== op.summary) body.append(el('p', {}, op.description));
   const security = op.security || [];
   if (security.length) {
     const ways = security.map((s) => Object.keys(s)[0] || 'none').join(', ');
