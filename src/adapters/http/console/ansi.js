@@ -1,5 +1,5 @@
 // ANSI escape sequences to styled DOM text. Text only ever reaches the page through text nodes
-// (never innerHTML), so a command's output cannot inject markup. SGR (colours, bold, ...) is
+// (never parsed as HTML), so a command's output cannot inject markup. SGR (colours, bold, ...) is
 // rendered; every other control sequence is dropped. A sequence split across chunks is carried.
 
 const ESC = '\x1b';

@@ -1,5 +1,5 @@
 // Renders /openapi.json as a readable reference: operations grouped by tag, their parameters,
-// bodies and responses, and the schemas they use. Built with DOM calls only (no innerHTML).
+// bodies and responses, and the schemas they use. Built with DOM calls only: no text is ever parsed as HTML.
 
 const METHODS = ['get', 'post', 'put', 'patch', 'delete'];
 
