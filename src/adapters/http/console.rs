@@ -28,47 +28,26 @@ struct Asset {
     body: &'static str,
 }
 
+/// An [`Asset`] from a file under `console/`.
+macro_rules! asset {
+    ($path:literal, $file:literal, $content_type:expr) => {
+        Asset {
+            path: $path,
+            content_type: $content_type,
+            body: include_str!(concat!("console/", $file)),
+        }
+    };
+}
+
 const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/",
-        content_type: HTML,
-        body: include_str!("console/index.html"),
-    },
-    Asset {
-        path: "/docs",
-        content_type: HTML,
-        body: include_str!("console/docs.html"),
-    },
-    Asset {
-        path: "/console/console.css",
-        content_type: CSS,
-        body: include_str!("console/console.css"),
-    },
-    Asset {
-        path: "/console/app.js",
-        content_type: JAVASCRIPT,
-        body: include_str!("console/app.js"),
-    },
-    Asset {
-        path: "/console/api.js",
-        content_type: JAVASCRIPT,
-        body: include_str!("console/api.js"),
-    },
-    Asset {
-        path: "/console/ansi.js",
-        content_type: JAVASCRIPT,
-        body: include_str!("console/ansi.js"),
-    },
-    Asset {
-        path: "/console/stream.js",
-        content_type: JAVASCRIPT,
-        body: include_str!("console/stream.js"),
-    },
-    Asset {
-        path: "/console/docs.js",
-        content_type: JAVASCRIPT,
-        body: include_str!("console/docs.js"),
-    },
+    asset!("/", "index.html", HTML),
+    asset!("/docs", "docs.html", HTML),
+    asset!("/console/console.css", "console.css", CSS),
+    asset!("/console/app.js", "app.js", JAVASCRIPT),
+    asset!("/console/api.js", "api.js", JAVASCRIPT),
+    asset!("/console/ansi.js", "ansi.js", JAVASCRIPT),
+    asset!("/console/stream.js", "stream.js", JAVASCRIPT),
+    asset!("/console/docs.js", "docs.js", JAVASCRIPT),
 ];
 
 /// The console's routes (outside the OpenAPI document: they are pages, not API).
