@@ -135,15 +135,35 @@ async function main() {
     await page.locator('#recent li').first().waitFor();
     await page.screenshot({ path: path.join(SCREENSHOTS, 'console.png') });
 
-    // Cancel a long command from the console.
+    // A project that runs one command at a time: the second waits in the queue.
+    await api('POST', '/projects', { name: `${projectName}-q`, workdir: '/tmp', executor: 'local', max_concurrency: 1 });
+    await page.reload();
+    await page.locator('#workspace').waitFor({ state: 'visible' });
+    await page.getByLabel('Project', { exact: true }).selectOption({ label: `${projectName}-q (local)` });
     await page.getByLabel('Command', { exact: true }).fill('echo started; sleep 600');
     await page.getByRole('button', { name: 'Run', exact: true }).click();
     await output.getByText('started').waitFor({ timeout: 15000 });
-    const cancelled = await output.getAttribute('data-command-id');
-    await page.getByRole('button', { name: 'Cancel' }).click();
+    const running = await output.getAttribute('data-command-id');
+
+    await page.getByLabel('Command', { exact: true }).fill('echo second');
+    await page.getByRole('button', { name: 'Run', exact: true }).click();
+    await page.locator('#status.status-queued').waitFor();
+    await page.locator('#position', { hasText: /^1$/ }).waitFor();
+    const queued = await output.getAttribute('data-command-id');
+    assert.notEqual(queued, running);
+    await page.getByRole('button', { name: 'Cancel', exact: true }).click();
     await page.locator('#status.status-cancelled').waitFor({ timeout: 20000 });
-    assert.equal((await api('GET', `/commands/${cancelled}`)).status, 'cancelled');
-    console.log('cancelled from the console');
+    assert.equal((await api('GET', `/commands/${queued}`)).status, 'cancelled');
+    console.log('queue position shown; queued command cancelled');
+
+    // Back to the running one from the recent list (its output replays), and cancel it.
+    await page.getByRole('button', { name: 'Show echo started; sleep 600 (running)' }).click();
+    await output.getByText('started').waitFor();
+    await page.locator('#status.status-running').waitFor();
+    await page.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await page.locator('#status.status-cancelled').waitFor({ timeout: 20000 });
+    assert.equal((await api('GET', `/commands/${running}`)).status, 'cancelled');
+    console.log('running command cancelled from the console');
 
     // Readable on a phone: nothing wider than the screen.
     await page.setViewportSize({ width: 390, height: 844 });

@@ -24,6 +24,12 @@ function setText(id, text) {
 }
 
 function showError(id, error) {
+  // A key revoked or expired mid-session: back to sign-in, saying why.
+  if (error instanceof ApiError && error.status === 401 && storedKey()) {
+    signOut();
+    setText('sign-in-error', `Signed out: ${error.message}`);
+    return;
+  }
   setText(id, error ? (error instanceof Error ? error.message : String(error)) : '');
 }
 
