@@ -295,7 +295,9 @@ pub struct ServerConfig {
     #[arg(long, env = "RDEV_URL", value_name = "RDEV_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_server_url, global = true)]
     pub url: String,
 
-    /// API key, sent as `Authorization: Bearer` (required; clap cannot require a global flag).
+    /// API key, sent as `Authorization: Bearer`.
+    // Optional here because clap cannot require a global flag; the client refuses to start
+    // without it.
     #[arg(
         long,
         env = "RDEV_API_KEY",
