@@ -75,121 +75,197 @@ impl Notes {
     }
 }
 
-/// Follows command `id` from output sequence `after` to its end, writing stdout and stderr
-/// here. Resumes after a dropped connection from the last sequence number written, so nothing
-/// is lost or written twice.
+/// Follows command `id` from output sequence `after` to its end (or, with `until_seq`, to that
+/// output), writing stdout and stderr here. Resumes after a dropped connection from the last
+/// sequence number written, so nothing is lost or written twice.
 async fn follow(
     client: &ApiClient,
     id: Uuid,
-    mut after: i64,
+    after: i64,
     until_seq: Option<i64>,
     notes: &Notes,
 ) -> Result<Option<Ending>, ClientError> {
-    let mut retry = FIRST_RETRY;
-    let mut failing_since: Option<tokio::time::Instant> = None;
-    let mut queued = false;
-    let mut position = None;
-    let mut poll = tokio::time::interval(POSITION_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if until_seq.is_some_and(|last| after >= last) {
-            return Ok(None);
-        }
-        let mut events = match client.events(id, after).await {
-            Ok(events) => events,
-            Err(error) if error.is_transient() => {
-                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() > RECONNECT_GIVE_UP {
-                    return Err(error);
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
-                continue;
+    Follower {
+        client,
+        id,
+        after,
+        until_seq,
+        notes,
+        queued: false,
+        position: None,
+    }
+    .run()
+    .await
+}
+
+struct Follower<'a> {
+    client: &'a ApiClient,
+    id: Uuid,
+    /// The last output sequence number written.
+    after: i64,
+    until_seq: Option<i64>,
+    notes: &'a Notes,
+    queued: bool,
+    position: Option<u64>,
+}
+
+/// How one connection's stream stopped.
+enum Stopped {
+    /// The command ended (`end` event).
+    Ended(Ending),
+    /// The output asked for has all been written.
+    CaughtUp,
+    /// The connection broke, or the stream went silent or skipped output: resume.
+    Dropped(String),
+}
+
+impl Follower<'_> {
+    async fn run(mut self) -> Result<Option<Ending>, ClientError> {
+        let mut retry = FIRST_RETRY;
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            if self.caught_up() {
+                return Ok(None);
             }
-            Err(error) => return Err(error),
-        };
-        if failing_since.take().is_some() {
-            notes.warn(&format!("reconnected; resuming after output {after}"));
+            let events = match self.client.events(self.id, self.after).await {
+                Ok(events) => events,
+                Err(error) if error.is_transient() => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > RECONNECT_GIVE_UP {
+                        return Err(error);
+                    }
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if failing_since.take().is_some() {
+                self.notes.warn(&format!(
+                    "reconnected; resuming after output {}",
+                    self.after
+                ));
+            }
+            retry = FIRST_RETRY;
+            match self.read(events).await? {
+                Stopped::Ended(ending) => return Ok(Some(ending)),
+                Stopped::CaughtUp => return Ok(None),
+                Stopped::Dropped(why) => {
+                    self.notes.warn(&format!(
+                        "connection lost ({why}); resuming after output {}",
+                        self.after
+                    ));
+                    failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    tokio::time::sleep(FIRST_RETRY).await;
+                }
+            }
         }
-        retry = FIRST_RETRY;
-        let dropped = loop {
+    }
+
+    fn caught_up(&self) -> bool {
+        self.until_seq.is_some_and(|last| self.after >= last)
+    }
+
+    /// Reads one connection's events until the stream stops.
+    async fn read(
+        &mut self,
+        mut events: impl futures::Stream<Item = Result<eventsource_stream::Event, String>> + Unpin,
+    ) -> Result<Stopped, ClientError> {
+        let mut poll = tokio::time::interval(POSITION_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(SILENCE_LIMIT, events.next()) => next,
-                _ = poll.tick(), if queued => {
-                    if let Ok(command) = client.command(id).await
-                        && command.status == "queued"
-                        && command.position != position
-                    {
-                        position = command.position;
-                        notes.progress(&format!("queued, position {}", position.unwrap_or(0)));
-                    }
+                _ = poll.tick(), if self.queued => {
+                    self.report_position().await;
                     continue;
                 }
             };
             let event = match next {
                 Ok(Some(Ok(event))) => event,
-                Ok(Some(Err(why))) => break why,
-                Ok(None) => break "the server closed the stream".to_owned(),
-                Err(_) => break format!("nothing heard for {} s", SILENCE_LIMIT.as_secs()),
+                Ok(Some(Err(why))) => return Ok(Stopped::Dropped(why)),
+                Ok(None) => return Ok(Stopped::Dropped("the server closed the stream".into())),
+                Err(_) => {
+                    return Ok(Stopped::Dropped(format!(
+                        "nothing heard for {} s",
+                        SILENCE_LIMIT.as_secs()
+                    )));
+                }
             };
-            match event.event.as_str() {
-                "output" => {
-                    let Ok(seq) = event.id.parse::<i64>() else {
-                        continue;
-                    };
-                    if seq <= after {
-                        continue;
-                    }
-                    if seq != after + 1 {
-                        break format!("output {} was skipped", after + 1);
-                    }
-                    write_output(&event.data);
-                    after = seq;
-                    if until_seq.is_some_and(|last| after >= last) {
-                        return Ok(None);
-                    }
-                }
-                "status" => {
-                    let status: serde_json::Value =
-                        serde_json::from_str(&event.data).unwrap_or_default();
-                    match status["status"].as_str() {
-                        Some("queued") => {
-                            queued = true;
-                            position = status["position"].as_u64();
-                            notes.progress(&format!(
-                                "command {id} queued, position {}",
-                                position.unwrap_or(0)
-                            ));
-                        }
-                        Some("running") => {
-                            if queued {
-                                notes.progress("running");
-                            }
-                            queued = false;
-                        }
-                        _ => queued = false,
-                    }
-                }
-                "truncated" => notes
-                    .warn("output reached the server's stored-output cap; the rest is not shown"),
-                "end" => {
-                    let ending: Ending =
-                        serde_json::from_str(&event.data).map_err(|_| ClientError::Server {
-                            status: reqwest::StatusCode::BAD_GATEWAY,
-                            title: "Malformed end event".into(),
-                            detail: Some(event.data.clone()),
-                            fields: vec![],
-                        })?;
-                    return Ok(Some(ending));
-                }
-                _ => {}
+            if let Some(stopped) = self.on_event(event)? {
+                return Ok(stopped);
             }
-        };
-        notes.warn(&format!(
-            "connection lost ({dropped}); resuming after output {after}"
-        ));
-        failing_since.get_or_insert_with(tokio::time::Instant::now);
-        tokio::time::sleep(FIRST_RETRY).await;
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        event: eventsource_stream::Event,
+    ) -> Result<Option<Stopped>, ClientError> {
+        match event.event.as_str() {
+            "output" => {
+                let Ok(seq) = event.id.parse::<i64>() else {
+                    return Ok(None);
+                };
+                if seq <= self.after {
+                    return Ok(None);
+                }
+                if seq != self.after + 1 {
+                    return Ok(Some(Stopped::Dropped(format!(
+                        "output {} was skipped",
+                        self.after + 1
+                    ))));
+                }
+                write_output(&event.data);
+                self.after = seq;
+                if self.caught_up() {
+                    return Ok(Some(Stopped::CaughtUp));
+                }
+            }
+            "status" => {
+                let status: serde_json::Value =
+                    serde_json::from_str(&event.data).unwrap_or_default();
+                let was_queued = self.queued;
+                self.queued = status["status"] == "queued";
+                if self.queued {
+                    self.position = status["position"].as_u64();
+                    self.notes.progress(&format!(
+                        "command {} queued, position {}",
+                        self.id,
+                        self.position.unwrap_or(0)
+                    ));
+                } else if was_queued && status["status"] == "running" {
+                    self.notes.progress("running");
+                }
+            }
+            "truncated" => self
+                .notes
+                .warn("output reached the server's stored-output cap; the rest is not shown"),
+            "end" => {
+                let ending =
+                    serde_json::from_str(&event.data).map_err(|_| ClientError::Server {
+                        status: reqwest::StatusCode::BAD_GATEWAY,
+                        title: "Malformed end event".into(),
+                        detail: Some(event.data.clone()),
+                        fields: vec![],
+                    })?;
+                return Ok(Some(Stopped::Ended(ending)));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// The event stream tells the position once; it changes as commands ahead start.
+    async fn report_position(&mut self) {
+        if let Ok(command) = self.client.command(self.id).await
+            && command.status == "queued"
+            && command.position != self.position
+        {
+            self.position = command.position;
+            self.notes
+                .progress(&format!("queued, position {}", self.position.unwrap_or(0)));
+        }
     }
 }
 
