@@ -258,6 +258,7 @@ pub enum CliCommand {
         action: KeysAction,
     },
     /// Run a command on a server and stream its output here; exits with its exit code.
+    #[command(after_help = RUN_EXIT_STATUS)]
     Run {
         #[command(flatten)]
         server: ServerConfig,
@@ -279,6 +280,10 @@ pub enum CliCommand {
         action: ProjectsAction,
     },
 }
+
+const RUN_EXIT_STATUS: &str = "Exit status: the command's exit code; 124 timed out; 125 rdev-api \
+     itself failed (server unreachable, request refused); 127 could not be started; 128 killed \
+     by a signal; 129 lost (the replica running it went away); 130 cancelled.";
 
 /// The database an operator command works on.
 #[derive(Debug, Clone, clap::Args)]
