@@ -14,14 +14,14 @@ use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::local::LocalExecutor;
-use crate::adapters::postgres::PgStore;
-use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
+use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
 use crate::config::{Config, Secret};
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore, OutputBus,
-    OutputStore, ProjectRepository, WorkSignal,
+    OutputStore, ProjectRepository, SharedSecrets, WorkSignal,
 };
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
@@ -30,6 +30,10 @@ use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamT
 use crate::services::projects::ProjectService;
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
+/// The name of the stream token signing key in the shared secrets.
+const STREAM_TOKEN_SECRET: &str = "stream_token";
+/// How often an idle follower on Postgres re-reads the store, in case a NOTIFY hint was lost.
+const FOLLOWER_STORE_RECHECK: Duration = Duration::from_secs(5);
 /// How often batched `last_used_at` updates are written.
 const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -37,6 +41,8 @@ const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 pub enum StartupError {
     #[error("cannot open the database (DATABASE_URL)")]
     Database(#[source] sqlx::Error),
+    #[error("cannot read or store the shared stream token secret")]
+    SharedSecret(#[source] crate::ports::PortError),
     #[error("cannot set up metrics")]
     Metrics(#[source] prometheus::Error),
     #[error("cannot create the bootstrap admin key")]
@@ -50,8 +56,8 @@ pub enum StartupError {
 /// The database behind every storage port.
 #[derive(Clone)]
 enum Storage {
-    Sqlite(Arc<SqliteStore>),
-    Postgres(Arc<PgStore>),
+    Sqlite(SqliteDatabase),
+    Postgres(PgDatabase),
 }
 
 struct Ports {
@@ -61,49 +67,52 @@ struct Ports {
     commands: Arc<dyn CommandStore>,
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
+    secrets: Arc<dyn SharedSecrets>,
 }
 
 impl Storage {
     async fn open(config: &Config) -> Result<Self, StartupError> {
         let url = config.database_url.expose();
         if url.starts_with("postgres") {
-            let store = PgStore::connect(url, config.db_max_connections)
+            let db = PgDatabase::connect(url, config.db_max_connections)
                 .await
                 .map_err(StartupError::Database)?;
-            Ok(Storage::Postgres(Arc::new(store)))
+            Ok(Storage::Postgres(db))
         } else {
-            let store = SqliteStore::connect(url)
+            let db = SqliteDatabase::connect(url)
                 .await
                 .map_err(StartupError::Database)?;
-            Ok(Storage::Sqlite(Arc::new(store)))
+            Ok(Storage::Sqlite(db))
         }
     }
 
-    fn ports(&self) -> Ports {
+    fn ports(&self, clock: &Arc<dyn Clock>) -> Ports {
         match self {
-            Storage::Sqlite(s) => Ports {
-                keys: s.clone(),
-                projects: s.clone(),
-                audit: s.clone(),
-                commands: s.clone(),
-                queue: s.clone(),
-                output: s.clone(),
+            Storage::Sqlite(db) => Ports {
+                keys: Arc::new(db.api_keys()),
+                projects: Arc::new(db.projects()),
+                audit: Arc::new(db.audit_log()),
+                commands: Arc::new(db.command_store(clock.clone())),
+                queue: Arc::new(db.command_queue(clock.clone())),
+                output: Arc::new(db.output_store()),
+                secrets: Arc::new(db.shared_secrets()),
             },
-            Storage::Postgres(s) => Ports {
-                keys: s.clone(),
-                projects: s.clone(),
-                audit: s.clone(),
-                commands: s.clone(),
-                queue: s.clone(),
-                output: s.clone(),
+            Storage::Postgres(db) => Ports {
+                keys: Arc::new(db.api_keys()),
+                projects: Arc::new(db.projects()),
+                audit: Arc::new(db.audit_log()),
+                commands: Arc::new(db.command_store(clock.clone())),
+                queue: Arc::new(db.command_queue()),
+                output: Arc::new(db.output_store()),
+                secrets: Arc::new(db.shared_secrets()),
             },
         }
     }
 
     async fn close(&self) {
         match self {
-            Storage::Sqlite(s) => s.close().await,
-            Storage::Postgres(s) => s.close().await,
+            Storage::Sqlite(db) => db.close().await,
+            Storage::Postgres(db) => db.close().await,
         }
     }
 }
@@ -178,7 +187,8 @@ impl App {
                 }
             }
         });
-        let worker_task = tokio::spawn(workers.run(shutdown.clone()));
+        // From SIGTERM on this replica claims nothing; queued commands wait for the others.
+        let worker_task = tokio::spawn(workers.run(draining.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
         // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
         let listener = listener.tap_io(|tcp| {
@@ -221,20 +231,34 @@ async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: Cancellati
 /// Opens storage (applying migrations), bootstraps the first admin key, wires everything and
 /// returns a server bound to `listener`.
 pub async fn build(config: Config, listener: TcpListener) -> Result<App, StartupError> {
+    build_with_clock(config, listener, Arc::new(SystemClock)).await
+}
+
+/// [`build`] with another clock: tests move time to check expiry without sleeping.
+pub async fn build_with_clock(
+    config: Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> Result<App, StartupError> {
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let storage = Storage::open(&config).await?;
-    let ports = storage.ports();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ports = storage.ports(&clock);
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let replica = replica_name();
 
     let bus = match &storage {
         Storage::Sqlite(_) => InProcessBus::local(),
-        Storage::Postgres(pg) => {
-            let bus = InProcessBus::relayed(Arc::new(pg.relay(replica.clone())));
-            pg.listen(replica.clone(), bus.clone(), shutdown.clone());
+        Storage::Postgres(db) => {
+            let relay = PgRelay::new(db.pool().clone(), replica.clone());
+            let bus = InProcessBus::relayed(Arc::new(relay));
+            notify::listen(
+                db.pool().clone(),
+                replica.clone(),
+                bus.clone(),
+                shutdown.clone(),
+            );
             bus
         }
     };
@@ -266,11 +290,18 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
             max_queued: config.max_queued,
         },
     ));
-    let token_secret = config
-        .stream_token_secret
-        .as_ref()
-        .map(|s| s.expose().as_bytes().to_vec())
-        .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+    let token_secret = match &config.stream_token_secret {
+        Some(secret) => secret.expose().as_bytes().to_vec(),
+        None => {
+            let candidate = hex::encode(rand::random::<[u8; 32]>());
+            ports
+                .secrets
+                .get_or_insert(STREAM_TOKEN_SECRET, &candidate)
+                .await
+                .map_err(StartupError::SharedSecret)?
+                .into_bytes()
+        }
+    };
     let follow = Arc::new(FollowService::new(
         commands.clone(),
         FollowPorts {
@@ -278,13 +309,20 @@ pub async fn build(config: Config, listener: TcpListener) -> Result<App, Startup
             output: ports.output.clone(),
             bus: output_bus.clone(),
             clock: clock.clone(),
+            store_recheck: match &storage {
+                Storage::Sqlite(_) => None,
+                Storage::Postgres(_) => Some(FOLLOWER_STORE_RECHECK),
+            },
         },
         StreamLimiter::new(
             config.max_sse_connections,
             config.max_sse_per_key,
             command_metrics.clone(),
         ),
-        StreamTokens::new(token_secret),
+        StreamTokens::new(
+            token_secret,
+            Duration::from_secs(config.stream_token_ttl_secs),
+        ),
     ));
     let workers = WorkerPool::new(
         WorkerPorts {

@@ -150,7 +150,8 @@ pub struct Config {
     #[arg(long, env = "RDEV_EXECUTOR", value_name = "RDEV_EXECUTOR", default_value = "local", value_parser = parse_executor)]
     pub executor: ExecutorKind,
 
-    /// Key that signs SSE stream tokens; set the same value on every replica (random when unset).
+    /// Key that signs SSE stream tokens. When unset, one is generated once and kept in the
+    /// database, so every replica sharing it agrees.
     #[arg(
         long,
         env = "RDEV_STREAM_TOKEN_SECRET",
@@ -158,6 +159,17 @@ pub struct Config {
         hide_env_values = true
     )]
     pub stream_token_secret: Option<Secret>,
+
+    /// Seconds a new stream token opens a stream for; reconnects to a command that has not
+    /// ended (or ended less than this long ago) keep working after that.
+    #[arg(
+        long,
+        env = "RDEV_STREAM_TOKEN_TTL_SECS",
+        value_name = "RDEV_STREAM_TOKEN_TTL_SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub stream_token_ttl_secs: u64,
 
     /// Seconds between SIGTERM and closing the listener, while `/ready` already answers 503.
     #[arg(

@@ -10,6 +10,7 @@ pub mod executor;
 pub mod metrics;
 pub mod output;
 pub mod projects;
+pub mod secrets;
 
 pub use api_keys::ApiKeyRepository;
 pub use audit::{AuditFilter, AuditLog};
@@ -26,6 +27,7 @@ pub use output::{
     Subscription, WorkSignal,
 };
 pub use projects::ProjectRepository;
+pub use secrets::SharedSecrets;
 
 /// A page of results and the cursor of the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]

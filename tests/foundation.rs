@@ -3,8 +3,11 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdev_api::ports::Clock;
+use rdev_api::ports::clock::ManualClock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Backend, TestDb, TestServer, problem, test_config};
@@ -26,7 +29,8 @@ async fn api_key_lifecycle(backend: Backend) {
     let Some(db) = TestDb::new(backend).await else {
         return;
     };
-    let server = TestServer::start(&db).await;
+    let clock = Arc::new(ManualClock::default());
+    let server = TestServer::start_with_clock(test_config(&db), clock.clone()).await;
 
     let (id, secret) = server
         .create_key(json!({"name": "ci bot", "scopes": ["read"]}))
@@ -111,7 +115,7 @@ async fn api_key_lifecycle(backend: Backend) {
     assert!(body["detail"].as_str().unwrap().contains("revoked"));
 
     // Expiry.
-    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    let soon = clock.now() + time::Duration::seconds(60);
     let (_, short_lived) = server
         .create_key(json!({
             "name": "short",
@@ -123,7 +127,7 @@ async fn api_key_lifecycle(backend: Backend) {
         server.get("/api/v1/me", &short_lived).await.status(),
         StatusCode::OK
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clock.advance(Duration::from_secs(61));
     let body = problem(
         server.get("/api/v1/me", &short_lived).await,
         StatusCode::UNAUTHORIZED,
@@ -761,11 +765,46 @@ async fn bad_requests_are_problem_details(backend: Backend) {
         StatusCode::BAD_REQUEST,
     )
     .await;
-    problem(
+    let bad_status = problem(
         server
             .get("/api/v1/commands?status=sleeping", ADMIN_KEY)
             .await,
         StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(bad_status["errors"][0]["pointer"], "status");
+    let bad_stream = problem(
+        server
+            .get(
+                &format!("/api/v1/commands/{}/output?stream=both", uuid::Uuid::nil()),
+                ADMIN_KEY,
+            )
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(bad_stream["errors"][0]["pointer"], "stream");
+    let long_action = problem(
+        server
+            .get(
+                &format!("/api/v1/audit?action={}", "a".repeat(201)),
+                ADMIN_KEY,
+            )
+            .await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(long_action["type"], "urn:rdev:problem:bad-parameter");
+    assert!(
+        long_action["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 200 characters"),
+        "{long_action}"
+    );
+    problem(
+        server.get("/api/v1/audit?target_id=a%00b", ADMIN_KEY).await,
+        StatusCode::BAD_REQUEST,
     )
     .await;
     let wrong_method = server
@@ -798,15 +837,7 @@ async fn operations_endpoints(backend: Backend) {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 
-    let openapi: Value = server
-        .client
-        .get(server.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi = server.openapi().await;
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/projects",

@@ -5,6 +5,8 @@ mod support;
 
 use std::time::Duration;
 
+use eventsource_stream::Event;
+use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, output_of};
 
@@ -67,26 +69,49 @@ async fn a_stream_on_one_replica_follows_a_command_running_on_another() {
     let runner_process = ServerProcess::start(&db, &[]).await;
     let watcher_process = ServerProcess::start(&db, &[("RDEV_WORKERS", "0")]).await;
     let (runner, watcher) = (&runner_process.server, &watcher_process.server);
-    let project = runner.create_project("remote", json!({})).await;
+    let project = runner
+        .create_project("remote", json!({"max_concurrency": 1}))
+        .await;
+    // A command holding the project's only slot until the gate opens, so that the one below is
+    // queued when its stream opens, and every status it goes through is seen.
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
+    let holder = watcher
+        .submit(
+            &project,
+            json!({"command": format!("while [ ! -e {} ]; do sleep 0.05; done", gate_file.display())}),
+        )
+        .await;
+    runner
+        .wait_for(&holder, Some("running"), Duration::from_secs(30))
+        .await;
     let id = watcher
         .submit(
             &project,
             json!({"command": "for i in 1 2 3 4 5; do echo tick $i; sleep 0.2; done; echo done >&2"}),
         )
         .await;
-    let events = watcher.events_until_end(&id, None).await;
-    let statuses: Vec<String> = events
+    let mut stream = watcher.events(&id, None).await;
+    let mut events = vec![next_event(&mut stream).await];
+    std::fs::write(&gate_file, "").unwrap();
+    while events.last().is_none_or(|e| e.event != "end") {
+        events.push(next_event(&mut stream).await);
+    }
+    let statuses: Vec<Value> = events
         .iter()
         .filter(|e| e.event == "status")
         .map(|e| {
-            serde_json::from_str::<Value>(&e.data).unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+            let status: Value = serde_json::from_str(&e.data).unwrap();
+            json!([status["status"], status["position"]])
         })
         .collect();
-    assert!(
-        statuses.contains(&"running".to_owned()) || statuses.first().is_some_and(|s| s == "queued")
+    assert_eq!(
+        statuses,
+        [
+            json!(["queued", 1]),
+            json!(["running", null]),
+            json!(["succeeded", null])
+        ]
     );
     assert_eq!(
         output_of(&events, "stdout"),
@@ -114,4 +139,11 @@ async fn a_stream_on_one_replica_follows_a_command_running_on_another() {
         .wait_for(&sleeper, Some("cancelled"), Duration::from_secs(15))
         .await;
     assert_eq!(cancelled["termination_reason"], "cancel");
+}
+
+async fn next_event(stream: &mut (impl Stream<Item = Event> + Unpin)) -> Event {
+    tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("an event within 30 s")
+        .expect("the stream goes on until `end`")
 }

@@ -21,10 +21,16 @@ const RING_CAPACITY: usize = 256;
 /// at commit, so one per event would serialise every replica on it.
 const HINT_INTERVAL: Duration = Duration::from_millis(20);
 
+/// How long a cancel request is remembered for a subscriber that comes later: a worker that
+/// claimed the command a moment ago subscribes after the request may have been published.
+const CANCEL_MEMORY: Duration = Duration::from_secs(60);
+
 type Rings = Mutex<HashMap<CommandId, broadcast::Sender<BusEvent>>>;
 
 pub struct InProcessBus {
     rings: Arc<Rings>,
+    /// Recent cancel requests, so a subscription opened just after one still sees it.
+    recent_cancels: Mutex<HashMap<CommandId, std::time::Instant>>,
     work: Notify,
     relay: Option<Arc<dyn Relay>>,
     unsent: Mutex<UnsentHints>,
@@ -80,6 +86,7 @@ impl InProcessBus {
     fn with_relay(relay: Option<Arc<dyn Relay>>) -> Self {
         Self {
             rings: Arc::new(Mutex::new(HashMap::new())),
+            recent_cancels: Mutex::new(HashMap::new()),
             work: Notify::new(),
             relay,
             unsent: Mutex::new(UnsentHints::default()),
@@ -87,6 +94,14 @@ impl InProcessBus {
     }
 
     fn deliver_locally(&self, command: CommandId, event: BusEvent) {
+        if matches!(event, BusEvent::CancelRequested) {
+            let mut recent = self
+                .recent_cancels
+                .lock()
+                .expect("bus lock is never poisoned");
+            recent.retain(|_, at| at.elapsed() < CANCEL_MEMORY);
+            recent.insert(command, std::time::Instant::now());
+        }
         let rings = self.rings.lock().expect("bus lock is never poisoned");
         if let Some(ring) = rings.get(&command) {
             // No receivers left is fine: nobody is following.
@@ -148,8 +163,16 @@ impl OutputBus for InProcessBus {
             .entry(command)
             .or_insert_with(|| broadcast::channel(RING_CAPACITY).0)
             .subscribe();
+        drop(rings);
+        let cancelled = self
+            .recent_cancels
+            .lock()
+            .expect("bus lock is never poisoned")
+            .get(&command)
+            .is_some_and(|at| at.elapsed() < CANCEL_MEMORY);
         Box::new(RingSubscription {
             command,
+            first: cancelled.then_some(BusEvent::CancelRequested),
             receiver: Some(receiver),
             rings: self.rings.clone(),
         })
@@ -187,6 +210,8 @@ impl RemoteInbox for InProcessBus {
 
 struct RingSubscription {
     command: CommandId,
+    /// Delivered before anything from the ring (a cancel requested before subscribing).
+    first: Option<BusEvent>,
     receiver: Option<broadcast::Receiver<BusEvent>>,
     rings: Arc<Rings>,
 }
@@ -194,6 +219,9 @@ struct RingSubscription {
 #[async_trait]
 impl Subscription for RingSubscription {
     async fn next(&mut self) -> Received {
+        if let Some(event) = self.first.take() {
+            return Received::Event(event);
+        }
         let receiver = self.receiver.as_mut().expect("present until drop");
         match receiver.recv().await {
             Ok(event) => Received::Event(event),
@@ -243,6 +271,26 @@ mod tests {
         assert_eq!(bus.followed_commands(), 1);
         drop((a, b));
         assert_eq!(bus.followed_commands(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_published_before_subscribing_is_still_seen() {
+        let bus = InProcessBus::local();
+        let id = CommandId::new();
+        bus.publish(id, BusEvent::CancelRequested).await;
+        let mut late = bus.subscribe(id);
+        assert!(matches!(
+            late.next().await,
+            Received::Event(BusEvent::CancelRequested)
+        ));
+        let mut other = bus.subscribe(CommandId::new());
+        bus.publish(id, chunk(1)).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), other.next())
+                .await
+                .is_err(),
+            "another command's subscriber sees nothing"
+        );
     }
 
     #[tokio::test]

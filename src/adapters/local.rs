@@ -23,6 +23,15 @@ const READ_SIZE: usize = 8 * 1024;
 /// How long output is still read after the shell exited, from descendants outside its group.
 const PIPE_GRACE_AFTER_EXIT: Duration = Duration::from_secs(2);
 
+/// `sh` could not be started (a missing or unreadable working directory, most often).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start `sh` in {workdir}")]
+struct SpawnFailed {
+    workdir: String,
+    #[source]
+    cause: std::io::Error,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalExecutor;
 
@@ -42,8 +51,11 @@ impl Executor for LocalExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| {
-            PortError::Conflict(format!("cannot start `sh` in {}: {e}", request.workdir))
+        let mut child = command.spawn().map_err(|cause| {
+            PortError::Refused(Box::new(SpawnFailed {
+                workdir: request.workdir.clone(),
+                cause,
+            }))
         })?;
         let pgid = child
             .id()
@@ -81,6 +93,63 @@ fn signal_group(pgid: i32, signal: libc::c_int) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     unsafe {
         libc::kill(-pgid, signal);
+    }
+}
+
+/// A process as `/proc/PID/stat` shows it: its parent, and its start time (clock ticks since
+/// boot), which tells a process from a later one that reuses its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    pid: i32,
+    ppid: i32,
+    started: u64,
+}
+
+impl ProcStat {
+    fn read(pid: i32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: fields start after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(Self {
+            pid,
+            ppid: fields.get(1)?.parse().ok()?,
+            started: fields.get(19)?.parse().ok()?,
+        })
+    }
+}
+
+/// Every live descendant of `root` (children, theirs, ...), found by parent links in `/proc`, so
+/// that processes which left the command's process group or session (`setsid`, `setpgid`, as
+/// `timeout` and `set -m` do) are found too.
+fn descendants(root: i32) -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let all: Vec<ProcStat> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(ProcStat::read)
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for process in all.iter().filter(|p| p.ppid == parent) {
+            found.push(*process);
+            frontier.push(process.pid);
+        }
+    }
+    found
+}
+
+/// Signals every process that was a descendant when the stop began (unless its pid now belongs
+/// to another process).
+fn signal_tree(tree: &[ProcStat], signal: libc::c_int) {
+    for process in tree {
+        if ProcStat::read(process.pid).is_some_and(|now| now.started == process.started) {
+            // SAFETY: kill(2) on a pid just checked to be the same process; no memory is involved.
+            unsafe {
+                libc::kill(process.pid, signal);
+            }
+        }
     }
 }
 
@@ -139,13 +208,19 @@ impl Execution for LocalExecution {
         if self.exited.load(Ordering::Acquire) {
             return;
         }
+        // Taken before the first signal: once the shell dies, its children are re-parented and
+        // can no longer be told apart from anyone else's.
+        let tree = descendants(self.pgid);
         signal_group(self.pgid, libc::SIGTERM);
+        signal_tree(&tree, libc::SIGTERM);
         let (pgid, exited) = (self.pgid, self.exited.clone());
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
+            // Once the shell is reaped its pgid may be reused: the group was killed then anyway.
             if !exited.load(Ordering::Acquire) {
                 signal_group(pgid, libc::SIGKILL);
             }
+            signal_tree(&tree, libc::SIGKILL);
         });
     }
 
@@ -212,6 +287,51 @@ mod tests {
         execution.terminate(Duration::from_secs(1)).await;
         while execution.next_output().await.is_some() {}
         assert_eq!(execution.wait().await.unwrap(), None);
+    }
+
+    /// Gone, or a zombie nobody reaps (PID 1 here does not reap orphans).
+    fn is_gone(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[tokio::test]
+    async fn terminate_reaches_descendants_that_left_the_group() {
+        // `setsid` starts a new session, `timeout` a new process group; the last one is a
+        // grandchild in a session of its own.
+        let mut execution = LocalExecutor
+            .start(request(
+                "echo $$; setsid sleep 300 & echo $!; timeout 300 sleep 300 & echo $!; \
+                 sh -c 'setsid sleep 300 & wait' & echo $!; wait",
+            ))
+            .await
+            .unwrap();
+        let mut printed = String::new();
+        while printed.lines().count() < 4 {
+            let (stream, bytes) = execution.next_output().await.unwrap();
+            if stream == OutputStream::Stdout {
+                printed.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+        let pids: Vec<i32> = printed.lines().map(|l| l.trim().parse().unwrap()).collect();
+        // Let `setsid` exec and `timeout` start its child.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tree: Vec<i32> = descendants(pids[0]).iter().map(|p| p.pid).collect();
+        execution.terminate(Duration::from_millis(500)).await;
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while execution.next_output().await.is_some() {}
+            execution.wait().await.unwrap()
+        });
+        assert_eq!(drained.await.expect("the pipes close"), None);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        for pid in pids.iter().chain(&tree) {
+            assert!(is_gone(*pid), "process {pid} outlived the stop");
+        }
+        assert!(tree.len() >= 4, "the walk found the whole tree: {tree:?}");
     }
 
     #[tokio::test]

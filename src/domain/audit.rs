@@ -1,11 +1,13 @@
 //! The audit trail: append-only events chained by SHA-256 so that an edited or deleted row shows.
 
+use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::ids::{ApiKeyId, AuditEventId};
+use super::validation::Rule;
 
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -26,19 +28,46 @@ impl AuditContext {
     }
 }
 
-/// Whether the audited action took effect.
+/// Whether the audited action took effect. Only changes that took effect are recorded today;
+/// the column exists so that refused attempts can be recorded without a schema change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    Failure,
 }
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
-            Outcome::Failure => "failure",
         }
+    }
+}
+
+/// Longest text an audit listing filters on.
+pub const MAX_FILTER_TEXT_BYTES: usize = 200;
+
+/// Text an audit listing filters on (an action name, a target id): at most
+/// [`MAX_FILTER_TEXT_BYTES`] bytes and no NUL, which no stored value has and the database
+/// refuses in a query.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AuditFilterText(String);
+
+impl TryFrom<String> for AuditFilterText {
+    type Error = Rule;
+    fn try_from(raw: String) -> Result<Self, Rule> {
+        if raw.len() > MAX_FILTER_TEXT_BYTES || raw.contains('\0') {
+            return Err(Rule::new(format!(
+                "must be at most {MAX_FILTER_TEXT_BYTES} characters, without NUL"
+            )));
+        }
+        Ok(Self(raw))
+    }
+}
+
+impl AuditFilterText {
+    pub fn into_inner(self) -> String {
+        self.0
     }
 }
 
@@ -296,6 +325,14 @@ mod tests {
         let mut events = chain(5);
         events.remove(1);
         assert_eq!(verify(&events).first_broken.unwrap().seq, 3);
+    }
+
+    #[test]
+    fn filter_text_refuses_nul_and_oversized_text() {
+        assert!(AuditFilterText::try_from("project.created".to_owned()).is_ok());
+        assert!(AuditFilterText::try_from("x".repeat(MAX_FILTER_TEXT_BYTES)).is_ok());
+        assert!(AuditFilterText::try_from("x".repeat(MAX_FILTER_TEXT_BYTES + 1)).is_err());
+        assert!(AuditFilterText::try_from("a\0b".to_owned()).is_err());
     }
 
     #[test]

@@ -13,6 +13,10 @@ use super::validation::Rule;
 /// Longest accepted command line.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
+/// How long an `Idempotency-Key` is remembered: a retry within it returns the first command,
+/// and after it the key is free again.
+pub const IDEMPOTENCY_WINDOW: time::Duration = time::Duration::hours(24);
+
 /// Queue priority; higher runs first, FIFO within one.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -156,16 +160,19 @@ pub enum TerminationReason {
     Lost,
     /// The process could not be started.
     StartFailed,
+    /// The replica shut down and the process did not finish within the shutdown grace period.
+    Shutdown,
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 6] = [
+    pub const ALL: [TerminationReason; 7] = [
         TerminationReason::Exit,
         TerminationReason::Signal,
         TerminationReason::Timeout,
         TerminationReason::Cancel,
         TerminationReason::Lost,
         TerminationReason::StartFailed,
+        TerminationReason::Shutdown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -176,6 +183,7 @@ impl TerminationReason {
             TerminationReason::Cancel => "cancel",
             TerminationReason::Lost => "lost",
             TerminationReason::StartFailed => "start_failed",
+            TerminationReason::Shutdown => "shutdown",
         }
     }
 
@@ -253,6 +261,27 @@ impl OutputStream {
     }
 }
 
+/// Where a reader of a command's output resumes: after output number `seq`, 0 meaning from the
+/// start. It arrives as text (an SSE `Last-Event-ID`), so it has a parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResumePoint(i64);
+
+impl ResumePoint {
+    pub fn parse(raw: &str) -> Result<Self, Rule> {
+        raw.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|seq| *seq >= 0)
+            .map(Self)
+            .ok_or_else(|| Rule::new(format!("`{raw}` is not an output sequence number")))
+    }
+
+    /// The last output already seen; the reader wants everything after it.
+    pub fn after_seq(self) -> i64 {
+        self.0
+    }
+}
+
 /// One stored piece of output. `seq` starts at 1 and has no gaps within a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputChunk {
@@ -316,6 +345,9 @@ impl CommandOutcome {
             Some(TerminationReason::Cancel) => {
                 (CommandStatus::Cancelled, TerminationReason::Cancel)
             }
+            Some(TerminationReason::Shutdown) => {
+                (CommandStatus::Cancelled, TerminationReason::Shutdown)
+            }
             Some(TerminationReason::Lost) => (CommandStatus::Lost, TerminationReason::Lost),
             Some(TerminationReason::StartFailed) => {
                 (CommandStatus::Failed, TerminationReason::StartFailed)
@@ -332,6 +364,15 @@ impl CommandOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_points_are_non_negative_sequence_numbers() {
+        assert_eq!(ResumePoint::parse(" 42 ").unwrap().after_seq(), 42);
+        assert_eq!(ResumePoint::parse("0").unwrap(), ResumePoint::default());
+        for bad in ["-1", "abc", "", "1.5"] {
+            assert!(ResumePoint::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn lifecycle_allows_only_forward_steps() {

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{Page, PortError};
-use crate::domain::audit::{AuditEvent, ChainReport, NewAuditEvent};
+use crate::domain::audit::{AuditEvent, ChainReport};
 use crate::domain::ids::ApiKeyId;
 
 #[derive(Debug, Clone, Default)]
@@ -21,8 +21,6 @@ pub struct AuditFilter {
 
 #[async_trait]
 pub trait AuditLog: Send + Sync {
-    /// Appends an event that has no other change to go with.
-    async fn append(&self, event: NewAuditEvent) -> Result<(), PortError>;
     /// Newest first.
     async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError>;
     /// Walks the whole chain.

@@ -18,3 +18,22 @@ impl Clock for SystemClock {
         truncate_to_micros(OffsetDateTime::now_utc())
     }
 }
+
+/// The wall clock plus an offset that only grows: tests move time forward (to expire a key or a
+/// lease) without sleeping, while time still passes as usual between the jumps.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    offset: std::sync::Mutex<time::Duration>,
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: std::time::Duration) {
+        *self.offset.lock().expect("clock lock is never poisoned") += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        SystemClock.now() + *self.offset.lock().expect("clock lock is never poisoned")
+    }
+}

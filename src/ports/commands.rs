@@ -25,8 +25,10 @@ pub struct Submission {
 pub struct IdempotencyKey {
     pub api_key: ApiKeyId,
     pub key: String,
-    /// Hash of the request body: the same key with another body is a conflict.
+    /// Hash of the request as sent: the same key with another request is a conflict.
     pub request_hash: String,
+    /// Keys first used before this have expired and are forgotten.
+    pub fresh_after: OffsetDateTime,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +77,7 @@ pub trait CommandStore: Send + Sync {
     async fn position(&self, id: CommandId) -> Result<Option<u64>, PortError>;
     async fn summary(&self, projects: Option<&[ProjectId]>) -> Result<QueueSummary, PortError>;
     /// Cancels a queued command at once (returns it `cancelled`), or flags a running one for its
-    /// worker. A finished command is a `Conflict`.
+    /// worker. A finished command is `AlreadyEnded`.
     async fn request_cancel(
         &self,
         id: CommandId,
@@ -125,9 +127,11 @@ pub trait CommandQueue: Send + Sync {
         lease: Duration,
     ) -> Result<RenewedLeases, PortError>;
     /// Writes final states with their audit events and frees their project slots, in one
-    /// transaction. Each item fails alone (`Conflict`) when its command is no longer running.
+    /// transaction. Fenced: each item fails alone (`LeaseLost`) when its command is no longer
+    /// running under `owner`'s lease.
     async fn finish(
         &self,
+        owner: &str,
         batch: &[Finished],
     ) -> Result<Vec<Result<Command, PortError>>, PortError>;
     /// Marks running commands whose lease ran out as `lost` (never re-run) and returns them.

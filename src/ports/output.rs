@@ -23,9 +23,12 @@ pub struct OutputProgress {
 #[async_trait]
 pub trait OutputStore: Send + Sync {
     /// Appends a batch (consecutive sequence numbers) and the progress, in one transaction.
+    /// Fenced: nothing is written (`LeaseLost`) unless the command is running under `owner`'s
+    /// lease, so a replica that lost its command cannot add output after its end.
     async fn append(
         &self,
         command: CommandId,
+        owner: &str,
         chunks: &[OutputChunk],
         progress: OutputProgress,
     ) -> Result<(), PortError>;

@@ -105,7 +105,6 @@ impl ApiKeyService {
             .insert(key.id, now);
         Caller {
             key_id: key.id,
-            key_name: key.name.as_str().to_owned(),
             scopes: key.scopes,
             project_ids: key.project_ids,
             context: AuditContext {
@@ -177,7 +176,7 @@ impl ApiKeyService {
         match self.keys.insert(&key, audit).await {
             Ok(()) => Ok(generated.then_some(secret)),
             // Another replica bootstrapped the same empty database at the same moment.
-            Err(PortError::Conflict(_)) => Ok(None),
+            Err(PortError::AlreadyExists(_)) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }

@@ -9,7 +9,6 @@ use super::ServiceError;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key_id: ApiKeyId,
-    pub key_name: String,
     pub scopes: Scopes,
     /// Projects the key may see; empty means all.
     pub project_ids: Vec<ProjectId>,

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 use crate::domain::FieldError;
 use crate::domain::api_key::Scope;
 use crate::domain::audit::{NewAuditEvent, action};
-use crate::domain::command::{Command, CommandLine, CommandStatus, OutputStream, Priority};
+use crate::domain::command::{
+    Command, CommandLine, CommandStatus, IDEMPOTENCY_WINDOW, OutputStream, Priority,
+};
 use crate::domain::ids::{CommandId, ProjectId};
 use crate::domain::project::{EnvVars, MAX_TIMEOUT_SECS};
 use crate::ports::{
@@ -110,6 +112,12 @@ impl CommandService {
             )]));
         }
         let now = self.clock.now();
+        let idempotency = request.idempotency_key.as_ref().map(|key| IdempotencyKey {
+            api_key: caller.key_id,
+            request_hash: request_fingerprint(project_id, &request),
+            key: key.clone(),
+            fresh_after: now - IDEMPOTENCY_WINDOW,
+        });
         let command = Command {
             id: CommandId::new(),
             project_id,
@@ -132,11 +140,6 @@ impl CommandService {
             truncated: false,
             last_seq: 0,
         };
-        let idempotency = request.idempotency_key.map(|key| IdempotencyKey {
-            api_key: caller.key_id,
-            request_hash: request_fingerprint(project_id, &command),
-            key,
-        });
         let audit = NewAuditEvent::new(
             &caller.context,
             now,
@@ -291,16 +294,23 @@ impl CommandService {
 }
 
 /// What makes two submissions "the same request" for idempotency.
-fn request_fingerprint(project: ProjectId, command: &Command) -> String {
+/// The request as the client sent it (an omitted timeout stays omitted, so a later change of
+/// the project's default does not turn a retry into a conflict).
+fn request_fingerprint(project: ProjectId, request: &SubmitCommand) -> String {
     let mut hasher = Sha256::new();
     hasher.update(project.to_string());
     hasher.update([0]);
-    hasher.update(command.command.as_str());
+    hasher.update(request.command.as_str());
     hasher.update([0]);
-    hasher.update(command.priority.as_str());
+    hasher.update(request.priority.as_str());
     hasher.update([0]);
-    hasher.update(command.timeout_secs.to_string());
+    hasher.update(
+        request
+            .timeout_secs
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+    );
     hasher.update([0]);
-    hasher.update(command.env.to_json());
+    hasher.update(request.env.to_json());
     hex::encode(hasher.finalize())
 }

@@ -42,9 +42,16 @@ impl ServiceError {
     pub fn from_port(error: PortError, what: &'static str) -> Self {
         match error {
             PortError::NotFound => ServiceError::NotFound(what),
-            PortError::Conflict(message) => ServiceError::Conflict(message),
+            PortError::AlreadyExists(_)
+            | PortError::MissingReference
+            | PortError::ProjectBusy { .. }
+            | PortError::AlreadyEnded(_)
+            | PortError::IdempotencyMismatch => ServiceError::Conflict(error.to_string()),
             PortError::Unavailable(_) => ServiceError::Unavailable(error),
-            PortError::Backend(_) => ServiceError::Internal(error),
+            // Internal to the queue and executors: a request never meets these.
+            PortError::LeaseLost | PortError::Refused(_) | PortError::Backend(_) => {
+                ServiceError::Internal(error)
+            }
         }
     }
 }

@@ -22,10 +22,6 @@ use super::{Caller, ServiceError};
 
 /// Chunks read from the store per catch-up query; also the most a follower holds at once.
 const REPLAY_PAGE: u32 = 128;
-/// How often a live follower re-reads the store even without news.
-const STORE_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a stream token lives.
-pub const STREAM_TOKEN_SECS: i64 = 60;
 
 /// What a follower sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,13 +115,28 @@ impl Drop for StreamPermit {
 
 /// Short-lived, command-bound tokens for clients that cannot send headers (`EventSource`):
 /// `<command>.<key>.<expiry>.<HMAC-SHA256>`.
+/// Signed tokens that stand for an API key on one command's event stream (for `EventSource`,
+/// which cannot send headers). A token opens the stream until its expiry; after that it still
+/// reopens it while the command has not ended, or ended less than the TTL ago, because
+/// `EventSource` reconnects with the very same URL.
 pub struct StreamTokens {
     secret: Vec<u8>,
+    ttl: time::Duration,
+}
+
+/// What a genuine token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub key: ApiKeyId,
+    pub expires: OffsetDateTime,
 }
 
 impl StreamTokens {
-    pub fn new(secret: Vec<u8>) -> Self {
-        Self { secret }
+    pub fn new(secret: Vec<u8>, ttl: std::time::Duration) -> Self {
+        Self {
+            secret,
+            ttl: time::Duration::try_from(ttl).unwrap_or(time::Duration::MAX),
+        }
     }
 
     pub fn issue(
@@ -134,14 +145,14 @@ impl StreamTokens {
         key: ApiKeyId,
         now: OffsetDateTime,
     ) -> (String, OffsetDateTime) {
-        let expires = now + time::Duration::seconds(STREAM_TOKEN_SECS);
+        let expires = now + self.ttl;
         let claims = format!("{command}.{key}.{}", expires.unix_timestamp());
         let token = format!("{claims}.{}", URL_SAFE_NO_PAD.encode(self.sign(&claims)));
         (token, expires)
     }
 
-    /// The key the token was issued to, if it is genuine, unexpired and for `command`.
-    pub fn verify(&self, token: &str, command: CommandId, now: OffsetDateTime) -> Option<ApiKeyId> {
+    /// What the token says, if it is genuine and for `command` (expired or not).
+    pub fn verify(&self, token: &str, command: CommandId) -> Option<TokenClaims> {
         let (claims, signature) = token.rsplit_once('.')?;
         let signature = URL_SAFE_NO_PAD.decode(signature).ok()?;
         let mut mac = self.mac();
@@ -149,10 +160,21 @@ impl StreamTokens {
         mac.verify_slice(&signature).ok()?;
         let mut parts = claims.split('.');
         let (for_command, key, expires) = (parts.next()?, parts.next()?, parts.next()?);
-        let expires: i64 = expires.parse().ok()?;
-        (for_command == command.to_string() && now.unix_timestamp() < expires)
-            .then(|| key.parse().ok())
-            .flatten()
+        if for_command != command.to_string() {
+            return None;
+        }
+        Some(TokenClaims {
+            key: key.parse().ok()?,
+            expires: OffsetDateTime::from_unix_timestamp(expires.parse().ok()?).ok()?,
+        })
+    }
+
+    /// Whether a genuine token still opens the stream of a command in this state.
+    pub fn admits(&self, claims: &TokenClaims, command: &Command, now: OffsetDateTime) -> bool {
+        now < claims.expires
+            || command
+                .finished_at
+                .is_none_or(|finished| now < finished + self.ttl)
     }
 
     fn mac(&self) -> Hmac<Sha256> {
@@ -174,6 +196,7 @@ pub struct FollowService {
     clock: Arc<dyn Clock>,
     limiter: Arc<StreamLimiter>,
     tokens: StreamTokens,
+    store_recheck: Option<std::time::Duration>,
 }
 
 pub struct FollowPorts {
@@ -181,6 +204,10 @@ pub struct FollowPorts {
     pub output: Arc<dyn OutputStore>,
     pub bus: Arc<dyn OutputBus>,
     pub clock: Arc<dyn Clock>,
+    /// How often an idle follower re-reads the store without news: `Some` where the bus carries
+    /// other replicas' events as best-effort hints (Postgres), `None` where it sees every event
+    /// (one process).
+    pub store_recheck: Option<std::time::Duration>,
 }
 
 impl FollowService {
@@ -198,6 +225,7 @@ impl FollowService {
             clock: ports.clock,
             limiter,
             tokens,
+            store_recheck: ports.store_recheck,
         }
     }
 
@@ -210,9 +238,28 @@ impl FollowService {
         Ok(self.tokens.issue(id, caller.key_id, self.clock.now()))
     }
 
-    /// The key a stream token stands for, or `None` when it is not valid for `id`.
-    pub fn token_key(&self, token: &str, id: CommandId) -> Option<ApiKeyId> {
-        self.tokens.verify(token, id, self.clock.now())
+    /// The key a stream token stands for, or `None` when it does not open `id`'s stream now.
+    pub async fn token_key(
+        &self,
+        token: &str,
+        id: CommandId,
+    ) -> Result<Option<ApiKeyId>, ServiceError> {
+        let Some(claims) = self.tokens.verify(token, id) else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        if now < claims.expires {
+            return Ok(Some(claims.key));
+        }
+        let command = self
+            .store
+            .get(id)
+            .await
+            .map_err(|e| ServiceError::from_port(e, "command"))?;
+        Ok(self
+            .tokens
+            .admits(&claims, &command, now)
+            .then_some(claims.key))
     }
 
     /// Events of command `id` after output sequence `after`. The stream holds a slot of the
@@ -238,6 +285,7 @@ impl FollowService {
             phase: Phase::Start,
             last_status: None,
             truncated_sent: false,
+            store_recheck: self.store_recheck,
             _permit: permit,
         };
         Ok(futures::stream::unfold(
@@ -264,6 +312,7 @@ struct Follower {
     phase: Phase,
     last_status: Option<CommandStatus>,
     truncated_sent: bool,
+    store_recheck: Option<std::time::Duration>,
     _permit: StreamPermit,
 }
 
@@ -336,9 +385,15 @@ impl Follower {
 
     async fn follow_live(&mut self) {
         // Hints from other replicas are best effort: look at the store now and then anyway.
+        let recheck = async {
+            match self.store_recheck {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending().await,
+            }
+        };
         let received = tokio::select! {
             received = self.subscription.next() => received,
-            _ = tokio::time::sleep(STORE_RECHECK) => {
+            _ = recheck => {
                 self.phase = Phase::CatchUp;
                 return;
             }
@@ -374,21 +429,82 @@ impl Follower {
 mod tests {
     use super::*;
 
+    const TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn command(finished_at: Option<OffsetDateTime>) -> Command {
+        use crate::domain::command::{CommandLine, CommandStatus, Priority};
+        Command {
+            id: CommandId::new(),
+            project_id: crate::domain::ids::ProjectId::new(),
+            command: CommandLine::from_trusted("true".into()),
+            env: Default::default(),
+            priority: Priority::Normal,
+            timeout_secs: 60,
+            status: if finished_at.is_some() {
+                CommandStatus::Succeeded
+            } else {
+                CommandStatus::Running
+            },
+            submitted_by: None,
+            created_at: OffsetDateTime::now_utc(),
+            started_at: None,
+            finished_at,
+            exit_code: None,
+            termination_reason: None,
+            error: None,
+            cancel_requested: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            dropped_bytes: 0,
+            truncated: false,
+            last_seq: 0,
+        }
+    }
+
     #[test]
-    fn stream_tokens_are_bound_to_command_and_time() {
-        let tokens = StreamTokens::new(b"secret".to_vec());
+    fn stream_tokens_are_bound_to_their_command_key_and_secret() {
+        let tokens = StreamTokens::new(b"secret".to_vec(), TTL);
         let (command, key) = (CommandId::new(), ApiKeyId::new());
         let now = OffsetDateTime::now_utc();
-        let (token, _) = tokens.issue(command, key, now);
-        assert_eq!(tokens.verify(&token, command, now), Some(key));
-        assert_eq!(tokens.verify(&token, CommandId::new(), now), None);
-        let later = now + time::Duration::seconds(STREAM_TOKEN_SECS + 1);
-        assert_eq!(tokens.verify(&token, command, later), None);
-        let forged = token.replace(&key.to_string(), &ApiKeyId::new().to_string());
-        assert_eq!(tokens.verify(&forged, command, now), None);
+        let (token, expires) = tokens.issue(command, key, now);
+        assert_eq!(tokens.verify(&token, command).map(|c| c.key), Some(key));
         assert_eq!(
-            StreamTokens::new(b"other".to_vec()).verify(&token, command, now),
+            tokens
+                .verify(&token, command)
+                .map(|c| c.expires.unix_timestamp()),
+            Some(expires.unix_timestamp())
+        );
+        assert_eq!(tokens.verify(&token, CommandId::new()), None);
+        let forged = token.replace(&key.to_string(), &ApiKeyId::new().to_string());
+        assert_eq!(tokens.verify(&forged, command), None);
+        assert_eq!(
+            StreamTokens::new(b"other".to_vec(), TTL).verify(&token, command),
             None
+        );
+    }
+
+    #[test]
+    fn an_expired_token_reopens_only_a_command_that_has_not_long_ended() {
+        let tokens = StreamTokens::new(b"secret".to_vec(), TTL);
+        let now = OffsetDateTime::now_utc();
+        let claims = TokenClaims {
+            key: ApiKeyId::new(),
+            expires: now + TTL,
+        };
+        let hour_later = now + time::Duration::hours(1);
+        let running = command(None);
+        assert!(tokens.admits(&claims, &running, now));
+        assert!(
+            tokens.admits(&claims, &running, hour_later),
+            "reconnects while it runs"
+        );
+        let just_ended = command(Some(hour_later - time::Duration::seconds(10)));
+        assert!(tokens.admits(&claims, &just_ended, hour_later));
+        let long_ended = command(Some(now + time::Duration::seconds(30)));
+        assert!(!tokens.admits(&claims, &long_ended, hour_later));
+        assert!(
+            tokens.admits(&claims, &long_ended, now),
+            "an unexpired token opens any state"
         );
     }
 }

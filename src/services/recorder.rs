@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::command::{OutputChunk, OutputStream};
 use crate::domain::ids::CommandId;
-use crate::ports::{BusEvent, CommandMetrics, OutputBus, OutputProgress, OutputStore};
+use crate::ports::{BusEvent, CommandMetrics, OutputBus, OutputProgress, OutputStore, PortError};
 
 /// Records queued between the worker and the writer: bounds memory per running command.
 const WRITER_BACKLOG: usize = 64;
@@ -103,11 +104,19 @@ pub struct RecorderPorts {
     pub metrics: Arc<dyn CommandMetrics>,
 }
 
+/// Who may write the command's output, and how the writer says that it may not any more.
+pub struct Fence {
+    /// The lease owner every append is fenced by.
+    pub owner: String,
+    /// Cancelled when the store refused an append because the lease is gone: the process must stop.
+    pub lost: CancellationToken,
+}
+
 impl OutputRecorder {
     /// Starts the writer for `command`; `cap` is the most output bytes stored.
-    pub fn start(command: CommandId, cap: u64, ports: RecorderPorts) -> Self {
+    pub fn start(command: CommandId, cap: u64, fence: Fence, ports: RecorderPorts) -> Self {
         let (records, rx) = mpsc::channel(WRITER_BACKLOG);
-        let writer = tokio::spawn(write_batches(command, rx, ports.store, ports.bus));
+        let writer = tokio::spawn(write_batches(command, fence, rx, ports.store, ports.bus));
         Self {
             command,
             cap,
@@ -208,6 +217,7 @@ impl OutputRecorder {
 
 async fn write_batches(
     command: CommandId,
+    fence: Fence,
     mut rx: mpsc::Receiver<Record>,
     store: Arc<dyn OutputStore>,
     bus: Arc<dyn OutputBus>,
@@ -229,9 +239,19 @@ async fn write_batches(
                 }
             }
         }
-        if !store_with_retry(store.as_ref(), command, &chunks, progress).await {
-            // Followers read gaps from the store; what it lacks is not shown live either.
+        if fence.lost.is_cancelled() {
+            // Fenced off: nothing more of this command may be stored or shown.
             continue;
+        }
+        match store_with_retry(store.as_ref(), command, &fence.owner, &chunks, progress).await {
+            Stored::Yes => {}
+            // Followers read gaps from the store; what it lacks is not shown live either.
+            Stored::Dropped => continue,
+            Stored::LeaseLost => {
+                tracing::warn!(%command, "output refused: the lease is gone; stopping the command");
+                fence.lost.cancel();
+                continue;
+            }
         }
         for chunk in chunks {
             bus.publish(command, BusEvent::Output(Arc::new(chunk)))
@@ -243,16 +263,24 @@ async fn write_batches(
     }
 }
 
+enum Stored {
+    Yes,
+    Dropped,
+    LeaseLost,
+}
+
 async fn store_with_retry(
     store: &dyn OutputStore,
     command: CommandId,
+    owner: &str,
     chunks: &[OutputChunk],
     progress: OutputProgress,
-) -> bool {
+) -> Stored {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
-        match store.append(command, chunks, progress).await {
-            Ok(()) => return true,
+        match store.append(command, owner, chunks, progress).await {
+            Ok(()) => return Stored::Yes,
+            Err(PortError::LeaseLost) => return Stored::LeaseLost,
             Err(error) => {
                 tracing::warn!(%command, attempt, error = %error, "storing output failed, retrying");
                 tokio::time::sleep(delay).await;
@@ -261,7 +289,7 @@ async fn store_with_retry(
         }
     }
     tracing::error!(%command, chunks = chunks.len(), "output could not be stored and was dropped");
-    false
+    Stored::Dropped
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::ports::{
     Subscription, WorkSignal,
 };
 
-use super::recorder::{OutputRecorder, RecorderPorts};
+use super::recorder::{Fence, OutputRecorder, RecorderPorts};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -85,7 +85,43 @@ const CLAIM_GATHER: Duration = Duration::from_millis(2);
 
 struct FinishRequest {
     finished: Finished,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<Command, FinishError>>,
+}
+
+/// Why the end of a command was not recorded.
+#[derive(Debug, Clone, thiserror::Error)]
+enum FinishError {
+    #[error("the finisher stopped")]
+    FinisherStopped,
+    /// The batch could not be written, even after retries.
+    #[error("writing the batch of command ends failed")]
+    Batch(#[source] Arc<PortError>),
+    /// The store refused this command's end (its lease is gone: the reaper already ended it).
+    #[error("the end was refused")]
+    Refused(#[source] Arc<PortError>),
+}
+
+/// Why a claimed command could not be started.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("the project is unavailable")]
+    Project(#[source] PortError),
+    #[error("the {0} executor is not configured on this server")]
+    NotConfigured(&'static str),
+    #[error("the executor could not start the command")]
+    Executor(#[source] PortError),
+}
+
+/// An error and its causes on one line, for the `error` field a client reads.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 impl WorkerPool {
@@ -103,9 +139,11 @@ impl WorkerPool {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Runs the claimer, the finisher and the reaper until `shutdown`; then lets running
-    /// commands finish for the drain period and stops the rest.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Runs the claimer, the finisher and the reaper until `draining` (from then on this
+    /// replica claims nothing, and queued commands wait for the others); then lets running
+    /// commands finish for the drain period and stops the rest (reason `shutdown`).
+    pub async fn run(self: Arc<Self>, draining: CancellationToken) {
+        let shutdown = draining;
         let stop_running = CancellationToken::new();
         let (finish_tx, finish_rx) = mpsc::channel(MAX_FINISH_BATCH * 2);
         let finisher = tokio::spawn(self.clone().finish_loop(finish_rx));
@@ -194,15 +232,14 @@ impl WorkerPool {
             match self.finish_with_retry(&items).await {
                 Ok(results) => {
                     for (request, result) in batch.drain(..).zip(results) {
-                        let _ = request
-                            .reply
-                            .send(result.map(drop).map_err(|e| e.to_string()));
+                        let result = result.map_err(|e| FinishError::Refused(Arc::new(e)));
+                        let _ = request.reply.send(result);
                     }
                 }
                 Err(error) => {
-                    let message = error.to_string();
+                    let error = Arc::new(error);
                     for request in batch.drain(..) {
-                        let _ = request.reply.send(Err(message.clone()));
+                        let _ = request.reply.send(Err(FinishError::Batch(error.clone())));
                     }
                 }
             }
@@ -218,7 +255,7 @@ impl WorkerPool {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            match self.ports.queue.finish(items).await {
+            match self.ports.queue.finish(&self.owner, items).await {
                 Ok(results) => return Ok(results),
                 Err(error) if attempt < 5 => {
                     tracing::warn!(%error, attempt, "writing command ends failed, retrying");
@@ -231,32 +268,62 @@ impl WorkerPool {
         }
     }
 
+    /// Marks commands whose lease expired `lost`. When this replica has been out of contact
+    /// with the database (an outage, or the process was paused), it reaps nothing until a whole
+    /// lease after contact is back: the replicas running those commands were likely as blind,
+    /// and get that long to renew.
     async fn reap_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let every = (self.settings.lease / 2).max(Duration::from_millis(500));
+        let mut last_contact = Instant::now();
+        let mut reap_after = Instant::now();
         loop {
-            match self
-                .ports
-                .queue
-                .expire_leases(&AuditContext::system())
-                .await
-            {
-                Ok(lost) => {
-                    for command in &lost {
-                        tracing::warn!(command = %command.id, "lease expired: command marked lost");
-                        self.ports
-                            .bus
-                            .publish(command.id, BusEvent::Status(CommandStatus::Lost))
-                            .await;
-                    }
-                    if !lost.is_empty() {
-                        self.ports.work.announce().await;
-                    }
+            if last_contact.elapsed() > every * 2 {
+                // Blind for a while: a renewal of no leases is a round trip that changes nothing.
+                if self
+                    .ports
+                    .queue
+                    .renew_leases(&self.owner, &[], self.settings.lease)
+                    .await
+                    .is_ok()
+                {
+                    last_contact = Instant::now();
+                    reap_after = last_contact + self.settings.lease;
+                    tracing::info!(grace = ?self.settings.lease, "database reachable again; reaping resumes after a lease");
                 }
-                Err(error) => tracing::warn!(error = %error, "expiring leases failed"),
+            } else if Instant::now() >= reap_after && self.reap_once().await {
+                last_contact = Instant::now();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// True when the database answered.
+    async fn reap_once(&self) -> bool {
+        match self
+            .ports
+            .queue
+            .expire_leases(&AuditContext::system())
+            .await
+        {
+            Ok(lost) => {
+                for command in &lost {
+                    tracing::warn!(command = %command.id, "lease expired: command marked lost");
+                    self.ports
+                        .bus
+                        .publish(command.id, BusEvent::Status(CommandStatus::Lost))
+                        .await;
+                }
+                if !lost.is_empty() {
+                    self.ports.work.announce().await;
+                }
+                true
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "expiring leases failed");
+                false
             }
         }
     }
@@ -286,11 +353,12 @@ impl WorkerPool {
                     .await
             }
             Err(error) => {
-                tracing::warn!(command = %id, %error, "command could not be started");
+                let message = with_causes(&error);
+                tracing::warn!(command = %id, error = message, "command could not be started");
                 self.outcome(
                     None,
                     Some(TerminationReason::StartFailed),
-                    Some(error),
+                    Some(message),
                     OutputProgress::default(),
                 )
             }
@@ -318,21 +386,21 @@ impl WorkerPool {
             reply,
         };
         let result = match finisher.send(request).await {
-            Ok(()) => written
-                .await
-                .unwrap_or_else(|_| Err("the finisher stopped".into())),
-            Err(_) => Err("the finisher stopped".into()),
+            Ok(()) => written.await.unwrap_or(Err(FinishError::FinisherStopped)),
+            Err(_) => Err(FinishError::FinisherStopped),
         };
         match result {
-            Ok(()) => tracing::info!(
+            Ok(_) => tracing::info!(
                 command = %id,
                 status = outcome.status.as_str(),
                 exit_code = ?outcome.exit_code,
                 "command finished"
             ),
-            Err(error) => {
-                tracing::error!(command = %id, %error, "recording the end of a command failed")
-            }
+            Err(error) => tracing::error!(
+                command = %id,
+                error = with_causes(&error),
+                "recording the end of a command failed"
+            ),
         }
         self.ports
             .bus
@@ -345,13 +413,13 @@ impl WorkerPool {
         self.ports.work.announce().await;
     }
 
-    async fn start(&self, command: &Command) -> Result<Box<dyn Execution>, String> {
+    async fn start(&self, command: &Command) -> Result<Box<dyn Execution>, StartError> {
         let project = self
             .ports
             .projects
             .get(command.project_id)
             .await
-            .map_err(|e| format!("project unavailable: {e}"))?;
+            .map_err(StartError::Project)?;
         let executor = self.executor_for(&project)?;
         let env = project
             .env
@@ -366,25 +434,17 @@ impl WorkerPool {
             env,
             target: project.target.clone(),
         };
-        executor.start(request).await.map_err(|e| {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            message
-        })
+        executor.start(request).await.map_err(StartError::Executor)
     }
 
-    fn executor_for(&self, project: &Project) -> Result<&Arc<dyn Executor>, String> {
+    fn executor_for(&self, project: &Project) -> Result<&Arc<dyn Executor>, StartError> {
         match project.executor {
             ExecutorKind::Local => Ok(&self.ports.local),
             ExecutorKind::Kube => self
                 .ports
                 .kube
                 .as_ref()
-                .ok_or_else(|| "the kube executor is not configured on this server".to_owned()),
+                .ok_or(StartError::NotConfigured(ExecutorKind::Kube.as_str())),
         }
     }
 
@@ -398,9 +458,14 @@ impl WorkerPool {
         stop_running: &CancellationToken,
     ) -> CommandOutcome {
         let id = command.id;
+        let lease_lost = CancellationToken::new();
         let mut recorder = OutputRecorder::start(
             id,
             self.settings.max_output_bytes,
+            Fence {
+                owner: self.owner.clone(),
+                lost: lease_lost.clone(),
+            },
             RecorderPorts {
                 store: self.ports.output.clone(),
                 bus: self.ports.bus.clone(),
@@ -411,6 +476,9 @@ impl WorkerPool {
             tokio::time::Instant::now() + Duration::from_secs(command.timeout_secs.into());
         let mut heartbeat = tokio::time::interval(self.settings.lease / 3);
         heartbeat.tick().await;
+        // The claim was a renewal: from here, a long stretch without a successful renewal means
+        // another replica may have reaped the command, so this one stops it (self-fencing).
+        let mut renewed_at = Instant::now();
         let mut stopped_by = command
             .cancel_requested
             .then_some(TerminationReason::Cancel);
@@ -440,16 +508,24 @@ impl WorkerPool {
                     Received::Event(BusEvent::CancelRequested) => Some(TerminationReason::Cancel),
                     _ => None,
                 },
-                _ = stop_running.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Cancel),
+                _ = stop_running.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Shutdown),
+                // The store refused output: the lease is gone.
+                _ = lease_lost.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Lost),
                 _ = heartbeat.tick() => {
                     match self.ports.queue.renew_leases(&self.owner, &[id], self.settings.lease).await {
                         // The reaper gave the command up (this replica stalled past its lease):
                         // its slot is free again, so the process must not go on.
                         Ok(renewed) if renewed.lost.contains(&id) => Some(TerminationReason::Lost),
-                        Ok(renewed) if renewed.cancel_requested.contains(&id) => {
-                            Some(TerminationReason::Cancel)
+                        Ok(renewed) => {
+                            renewed_at = Instant::now();
+                            renewed.cancel_requested.contains(&id).then_some(TerminationReason::Cancel)
                         }
-                        Ok(_) => None,
+                        // Two leases: the lease, and the lease of grace reapers give after an
+                        // outage. Past that, another replica may have reaped the command.
+                        Err(error) if renewed_at.elapsed() >= self.settings.lease * 2 => {
+                            tracing::warn!(command = %id, %error, "no lease renewal for two leases: stopping the command");
+                            Some(TerminationReason::Lost)
+                        }
                         Err(error) => {
                             tracing::warn!(command = %id, %error, "lease renewal failed");
                             None

@@ -2,11 +2,14 @@
 //! file, or a new Postgres database), spoken to over HTTP.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use rdev_api::config::{Config, Secret};
+use rdev_api::ports::Clock;
+use rdev_api::ports::clock::SystemClock;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -49,6 +52,35 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Says loudly that a test did not run. The test still ends as passed (libtest cannot skip at
+/// run time), and nextest shows a passing test's output only on request, so besides stderr the
+/// line goes to the terminal the tests were started from, when there is one.
+pub fn skipped(why: &str) {
+    let line = format!(
+        "SKIPPED: {}: {why}",
+        std::thread::current().name().unwrap_or("a test")
+    );
+    eprintln!("{line}");
+    if let Ok(mut tty) = std::fs::OpenOptions::new().write(true).open("/dev/tty") {
+        use std::io::Write;
+        let _ = write!(tty, "\r\n{line}\r\n");
+    }
+}
+
+/// A connection URL fit for a log line: its password, if any, replaced by `***`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A database that lives as long as the test.
 pub struct TestDb {
     pub url: String,
@@ -85,10 +117,13 @@ impl TestDb {
                             Ok(Err(e)) => e.to_string(),
                             _ => "timed out".into(),
                         };
+                        let shown = without_password(&admin);
                         if std::env::var("CI").is_ok_and(|v| v == "true") {
-                            panic!("Postgres at DATABASE_URL is unreachable under CI: {why}");
+                            panic!("no Postgres at {shown} under CI=true: {why}");
                         }
-                        eprintln!("SKIPPED: Postgres unreachable ({why}); set DATABASE_URL");
+                        skipped(&format!(
+                            "no Postgres at {shown} ({why}); start it or set DATABASE_URL"
+                        ));
                         return None;
                     }
                 };
@@ -171,8 +206,13 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> TestServer {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// A server whose time the test moves (`rdev_api::ports::clock::ManualClock`).
+    pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = rdev_api::app::build(config, listener)
+        let app = rdev_api::app::build_with_clock(config, listener, clock)
             .await
             .expect("server builds");
         let base = format!("http://{}", app.local_addr());
@@ -272,6 +312,18 @@ impl TestServer {
             .text()
             .await
             .unwrap()
+    }
+
+    /// The OpenAPI document the server serves.
+    pub async fn openapi(&self) -> Value {
+        let response = self
+            .client
+            .get(self.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
     }
 
     /// Creates a key and returns (id, secret).

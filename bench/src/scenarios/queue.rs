@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rdev_api::adapters::bus::InProcessBus;
 use rdev_api::adapters::cache::CachedProjects;
-use rdev_api::adapters::postgres::PgStore;
+use rdev_api::adapters::postgres::{PgDatabase, PgRelay, notify};
 use rdev_api::adapters::telemetry::Metrics;
 use rdev_api::domain::audit::{AuditContext, NewAuditEvent, action};
 use rdev_api::domain::command::OutputStream;
@@ -59,7 +59,7 @@ impl Execution for NoopExecution {
 
 async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
     let db = PgDb::create(&ctx.admin_db_url).await?;
-    let store = Arc::new(PgStore::connect(&db.url, 40).await?);
+    let store = PgDatabase::connect(&db.url, 40).await?;
     let clock = SystemClock;
     let now = clock.now();
     let project = Project {
@@ -82,7 +82,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
         ("project", project.id.to_string()),
         serde_json::json!({}),
     );
-    ProjectRepository::insert(store.as_ref(), &project, audit).await?;
+    store.projects().insert(&project, audit).await?;
     let pool = sqlx::PgPool::connect(&db.url).await?;
     sqlx::query(
         "INSERT INTO commands (id, project_id, command, env, priority, timeout_secs, status, created_at) \
@@ -94,14 +94,22 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
     .await?;
 
     let shutdown = CancellationToken::new();
-    let bus = InProcessBus::relayed(Arc::new(store.relay("bench".into())));
-    store.listen("bench".into(), bus.clone(), shutdown.clone());
+    let bus = InProcessBus::relayed(Arc::new(PgRelay::new(store.pool().clone(), "bench".into())));
+    notify::listen(
+        store.pool().clone(),
+        "bench".into(),
+        bus.clone(),
+        shutdown.clone(),
+    );
     let workers = WorkerPool::new(
         WorkerPorts {
-            queue: store.clone(),
+            queue: Arc::new(store.command_queue()),
             // As in the server: projects are read through the cache.
-            projects: Arc::new(CachedProjects::new(store.clone(), Duration::from_secs(30))),
-            output: store.clone(),
+            projects: Arc::new(CachedProjects::new(
+                Arc::new(store.projects()),
+                Duration::from_secs(30),
+            )),
+            output: Arc::new(store.output_store()),
             bus: bus.clone(),
             work: bus,
             clock: Arc::new(SystemClock),

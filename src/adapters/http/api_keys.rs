@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::domain::Validation;
-use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, Scopes};
+use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, Scope, Scopes};
 use crate::domain::ids::{ApiKeyId, ProjectId};
 use crate::services::Caller;
 use crate::services::api_keys::{IssuedKey, KeyChanges, NewKey};
@@ -37,7 +37,9 @@ pub struct ApiKeyResponse {
     pub name: String,
     /// The public part of the key, `rdev_<prefix>_...`.
     pub prefix: String,
-    pub scopes: Vec<String>,
+    /// `read`, `execute`, `admin`.
+    #[schema(value_type = Vec<String>)]
+    pub scopes: Vec<Scope>,
     pub allowed_ips: Vec<String>,
     pub project_ids: Vec<Uuid>,
     #[serde(with = "time::serde::rfc3339")]
@@ -57,7 +59,7 @@ impl From<ApiKey> for ApiKeyResponse {
             id: key.id.as_uuid(),
             name: key.name.as_str().to_owned(),
             prefix: key.prefix,
-            scopes: key.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+            scopes: key.scopes.iter().collect(),
             allowed_ips: key
                 .allowed_ips
                 .as_slice()

@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::audit::AuditEvent;
+use crate::domain::audit::{AuditEvent, AuditFilterText};
 use crate::domain::ids::ApiKeyId;
 use crate::ports::AuditFilter;
 use crate::services::Caller;
@@ -25,14 +25,17 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// API key id of the actor.
     pub actor: Option<Uuid>,
-    /// Action name, e.g. `project.created`.
-    pub action: Option<String>,
-    /// Id of the resource acted on.
-    pub target_id: Option<String>,
+    /// Action name, e.g. `project.created` (at most 200 characters).
+    #[param(value_type = Option<String>)]
+    pub action: Option<AuditFilterText>,
+    /// Id of the resource acted on (at most 200 characters).
+    #[param(value_type = Option<String>)]
+    pub target_id: Option<AuditFilterText>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     #[param(value_type = Option<String>, format = DateTime)]
     pub since: Option<OffsetDateTime>,
@@ -43,6 +46,20 @@ pub struct AuditQuery {
     pub cursor: Option<i64>,
     /// Page size, 1-500 (default 100).
     pub limit: Option<u32>,
+}
+
+impl From<AuditQuery> for AuditFilter {
+    fn from(query: AuditQuery) -> Self {
+        AuditFilter {
+            actor: query.actor.map(ApiKeyId::from_uuid),
+            action: query.action.map(AuditFilterText::into_inner),
+            target_id: query.target_id.map(AuditFilterText::into_inner),
+            since: query.since,
+            until: query.until,
+            before_seq: query.cursor,
+            limit: query.limit.unwrap_or(100),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -112,27 +129,7 @@ async fn list_audit_events(
     caller: Caller,
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    for (name, value) in [("action", &query.action), ("target_id", &query.target_id)] {
-        if value
-            .as_deref()
-            .is_some_and(|v| v.contains('\0') || v.len() > 200)
-        {
-            return Err(ApiError::BadParameter {
-                what: "query parameter",
-                detail: format!("`{name}` must be at most 200 characters, without NUL"),
-            });
-        }
-    }
-    let filter = AuditFilter {
-        actor: query.actor.map(ApiKeyId::from_uuid),
-        action: query.action,
-        target_id: query.target_id,
-        since: query.since,
-        until: query.until,
-        before_seq: query.cursor,
-        limit: query.limit.unwrap_or(100),
-    };
-    let page = state.audit.list(&caller, filter).await?;
+    let page = state.audit.list(&caller, query.into()).await?;
     Ok(Json(AuditPage {
         items: page.items.into_iter().map(Into::into).collect(),
         next_cursor: page.next_cursor,

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
@@ -18,17 +18,21 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::Validation;
-use crate::domain::command::{Command, CommandLine, CommandStatus, OutputStream, Priority};
+use crate::domain::command::{
+    Command, CommandLine, CommandStatus, OutputStream, Priority, TerminationReason,
+};
 use crate::domain::ids::{CommandId, ProjectId};
 use crate::domain::project::{EnvVars, MAX_TIMEOUT_SECS, parse_bounded};
+use crate::domain::{DomainError, Validation};
 use crate::ports::CommandFilter;
 use crate::services::Caller;
 use crate::services::commands::{QueuedCommand, SubmitCommand};
 use crate::services::follow::FollowEvent;
 
 use super::AppState;
-use super::extract::{ApiJson, ApiPath, ApiQuery, LastEventId, StreamCaller};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, EventsQuery, IdempotencyKey, LastEventId, StreamCaller,
+};
 use super::problem::{ApiError, Problem};
 
 /// Reconnect delay suggested to SSE clients.
@@ -103,10 +107,13 @@ pub struct CommandResponse {
     pub project_id: Uuid,
     pub command: String,
     pub env: BTreeMap<String, String>,
-    pub priority: String,
+    /// `low`, `normal`, `high` or `critical`.
+    #[schema(value_type = String)]
+    pub priority: Priority,
     pub timeout_secs: u32,
     /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `timed_out` or `lost`.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: CommandStatus,
     /// 1-based place in the queue while queued.
     pub position: Option<u64>,
     pub submitted_by: Option<Uuid>,
@@ -117,8 +124,9 @@ pub struct CommandResponse {
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
     pub exit_code: Option<i32>,
-    /// Why it ended: `exit`, `signal`, `timeout`, `cancel`, `lost` or `start_failed`.
-    pub termination_reason: Option<String>,
+    /// Why it ended: `exit`, `signal`, `timeout`, `cancel`, `lost`, `start_failed` or `shutdown`.
+    #[schema(value_type = Option<String>)]
+    pub termination_reason: Option<TerminationReason>,
     pub error: Option<String>,
     pub cancel_requested: bool,
     pub stdout_bytes: i64,
@@ -143,16 +151,16 @@ impl CommandResponse {
                 .iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
-            priority: command.priority.as_str().to_owned(),
+            priority: command.priority,
             timeout_secs: command.timeout_secs,
-            status: command.status.as_str().to_owned(),
+            status: command.status,
             position,
             submitted_by: command.submitted_by.map(|k| k.as_uuid()),
             created_at: command.created_at,
             started_at: command.started_at,
             finished_at: command.finished_at,
             exit_code: command.exit_code,
-            termination_reason: command.termination_reason.map(|r| r.as_str().to_owned()),
+            termination_reason: command.termination_reason,
             error: command.error,
             cancel_requested: command.cancel_requested,
             stdout_bytes: command.stdout_bytes,
@@ -183,30 +191,56 @@ pub struct CommandPage {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /commands` parameters. A value of the wrong type (`limit=lots`) is a 400; a `status`
+/// that names no status breaks a domain rule and is a 422 naming the parameter.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CommandQuery {
     pub project_id: Option<Uuid>,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `timed_out` or `lost`.
     pub status: Option<String>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,
     /// Page size, 1-200 (default 50).
     pub limit: Option<u32>,
 }
 
+impl TryFrom<CommandQuery> for CommandFilter {
+    type Error = DomainError;
+    fn try_from(query: CommandQuery) -> Result<Self, DomainError> {
+        let mut v = Validation::new();
+        let status = query
+            .status
+            .map(|raw| v.check("status", CommandStatus::parse(&raw)));
+        v.finish_with(|| CommandFilter {
+            project_id: query.project_id.map(ProjectId::from_uuid),
+            projects: None,
+            status: status.flatten(),
+            before: query.cursor.map(CommandId::from_uuid),
+            limit: query.limit.unwrap_or(50),
+        })
+    }
+}
+
+/// `GET /commands/{id}/output` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
     /// Only this stream: `stdout` or `stderr`.
     pub stream: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct EventsQuery {
-    /// Resume after this output sequence number (same as the `Last-Event-ID` header).
-    pub last_event_id: Option<String>,
-    /// A stream token from `POST /commands/{id}/stream-token`, for clients that cannot send headers.
-    pub token: Option<String>,
+impl OutputQuery {
+    /// The stream asked for, `None` for both.
+    fn only(self) -> Result<Option<OutputStream>, DomainError> {
+        let mut v = Validation::new();
+        let only = self
+            .stream
+            .map(|raw| v.check("stream", OutputStream::parse(&raw)));
+        v.finish_with(|| only.flatten())
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -245,12 +279,9 @@ async fn submit_command(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(project): ApiPath<ProjectId>,
-    headers: HeaderMap,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     ApiJson(body): ApiJson<SubmitCommandRequest>,
 ) -> Result<Response, ApiError> {
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(str::to_owned).unwrap_or_default());
     let queued = state
         .commands
         .submit(&caller, project, body.into_submit(idempotency_key)?)
@@ -277,19 +308,7 @@ async fn list_commands(
     caller: Caller,
     ApiQuery(query): ApiQuery<CommandQuery>,
 ) -> Result<Json<CommandPage>, ApiError> {
-    let status = match query.status {
-        Some(raw) => Some(CommandStatus::parse(&raw).map_err(|rule| {
-            ApiError::invalid(vec![crate::domain::FieldError::new("status", rule.0)])
-        })?),
-        None => None,
-    };
-    let filter = CommandFilter {
-        project_id: query.project_id.map(ProjectId::from_uuid),
-        projects: None,
-        status,
-        before: query.cursor.map(CommandId::from_uuid),
-        limit: query.limit.unwrap_or(50),
-    };
+    let filter = CommandFilter::try_from(query).map_err(ApiError::from_domain)?;
     let page = state.commands.list(&caller, filter).await?;
     Ok(Json(CommandPage {
         items: page
@@ -322,12 +341,7 @@ async fn get_command_output(
     ApiPath(id): ApiPath<CommandId>,
     ApiQuery(query): ApiQuery<OutputQuery>,
 ) -> Result<Response, ApiError> {
-    let only = match query.stream {
-        Some(raw) => Some(OutputStream::parse(&raw).map_err(|rule| {
-            ApiError::invalid(vec![crate::domain::FieldError::new("stream", rule.0)])
-        })?),
-        None => None,
-    };
+    let only = query.only().map_err(ApiError::from_domain)?;
     let text = state.commands.output(&caller, id, only).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
@@ -377,7 +391,7 @@ async fn command_events(
     ApiPath(id): ApiPath<CommandId>,
     LastEventId(after): LastEventId,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let events = state.follow.follow(&caller, id, after).await?;
+    let events = state.follow.follow(&caller, id, after.after_seq()).await?;
     let shutdown = state.shutdown.clone();
     let stream = events
         .enumerate()

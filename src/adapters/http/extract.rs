@@ -10,10 +10,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
+use utoipa::IntoParams;
 
 use crate::domain::FieldError;
 use crate::domain::api_key::KeyRejection;
+use crate::domain::api_key::Scope;
 use crate::domain::audit::AuditContext;
+use crate::domain::command::ResumePoint;
 use crate::domain::ids::CommandId;
 use crate::services::{Caller, ServiceError};
 
@@ -197,21 +200,19 @@ pub struct Credentials {
     pub presented: Option<String>,
     pub client_ip: IpAddr,
     /// The request came over loopback and named no other origin (no `X-Forwarded-For`): it was
-    /// made on this host, as `kubectl exec ... curl localhost` is.
+    /// made on this host, as `kubectl exec ... curl localhost` is. False when the socket peer is
+    /// unknown (a router served without `ConnectInfo`): an unknown peer is never local.
     pub local: bool,
     pub context: AuditContext,
 }
 
-impl FromRequestParts<AppState> for Credentials {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let client_ip = state.client_ip.resolve(peer, &parts.headers);
+impl Credentials {
+    /// Reads the request parts; `peer` is the socket peer when the server recorded one.
+    fn read(parts: &Parts, peer: Option<IpAddr>, resolver: &ClientIpResolver) -> Self {
+        // An unknown peer matches no allowlist entry but "any", like a garbled forwarded hop.
+        let client_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |peer| {
+            resolver.resolve(peer, &parts.headers)
+        });
         let header_text = |name: &str| {
             parts
                 .headers
@@ -230,9 +231,9 @@ impl FromRequestParts<AppState> for Credentials {
         let trace_id = header_text("traceparent")
             .and_then(|tp| tp.split('-').nth(1).map(str::to_owned))
             .filter(|id| id.len() == 32);
-        let local =
-            peer.to_canonical().is_loopback() && !parts.headers.contains_key("x-forwarded-for");
-        Ok(Credentials {
+        let local = peer.is_some_and(|peer| peer.to_canonical().is_loopback())
+            && !parts.headers.contains_key("x-forwarded-for");
+        Credentials {
             presented,
             client_ip,
             local,
@@ -242,7 +243,27 @@ impl FromRequestParts<AppState> for Credentials {
                 request_id: header_text("x-request-id"),
                 trace_id,
             },
-        })
+        }
+    }
+
+    /// The caller these credentials name, by API key.
+    async fn authenticate(self, state: &AppState) -> Result<Caller, ApiError> {
+        Ok(state
+            .keys
+            .authenticate(self.presented.as_deref(), self.client_ip, self.context)
+            .await?)
+    }
+}
+
+impl FromRequestParts<AppState> for Credentials {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(Credentials::read(parts, peer, &state.client_ip))
     }
 }
 
@@ -250,15 +271,52 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Credentials::from_request_parts(parts, state)
+            .await?
+            .authenticate(state)
+            .await
+    }
+}
+
+/// Access to operator endpoints (heap profiles): a request made on this host needs no key (so
+/// `kubectl exec ... curl localhost:8080/...` works), any other needs an admin key. Fails closed:
+/// when the socket peer is unknown the request is not local.
+#[derive(Debug)]
+pub enum AdminOrLocal {
+    Local,
+    Admin(Caller),
+}
+
+impl FromRequestParts<AppState> for AdminOrLocal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let credentials = Credentials::from_request_parts(parts, state).await?;
-        Ok(state
-            .keys
-            .authenticate(
-                credentials.presented.as_deref(),
-                credentials.client_ip,
-                credentials.context,
-            )
-            .await?)
+        if credentials.local {
+            return Ok(AdminOrLocal::Local);
+        }
+        let caller = credentials.authenticate(state).await?;
+        caller.require(Scope::Admin)?;
+        Ok(AdminOrLocal::Admin(caller))
+    }
+}
+
+/// The query string of an event stream. Both parameters have header equivalents, so each
+/// extractor reads its own and ignores the rest.
+#[derive(Debug, Default, serde::Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Resume after this output sequence number (same as the `Last-Event-ID` header).
+    pub last_event_id: Option<String>,
+    /// A stream token from `POST /commands/{id}/stream-token`, for clients that cannot send headers.
+    pub token: Option<String>,
+}
+
+impl EventsQuery {
+    fn read(parts: &Parts) -> Self {
+        axum::extract::Query::<Self>::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(query)| query)
+            .unwrap_or_default()
     }
 }
 
@@ -266,29 +324,19 @@ impl FromRequestParts<AppState> for Caller {
 /// headers) a `?token=` issued for this very command.
 pub struct StreamCaller(pub Caller);
 
-#[derive(serde::Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
-}
-
 impl FromRequestParts<AppState> for StreamCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let credentials = Credentials::from_request_parts(parts, state).await?;
-        let token = axum::extract::Query::<TokenQuery>::from_request_parts(parts, state)
-            .await
-            .ok()
-            .and_then(|axum::extract::Query(q)| q.token);
-        let (Some(token), None) = (token, &credentials.presented) else {
-            return Caller::from_request_parts(parts, state)
-                .await
-                .map(StreamCaller);
+        let (Some(token), None) = (EventsQuery::read(parts).token, &credentials.presented) else {
+            return credentials.authenticate(state).await.map(StreamCaller);
         };
         let ApiPath(command) = ApiPath::<CommandId>::from_request_parts(parts, state).await?;
         let key = state
             .follow
             .token_key(&token, command)
+            .await?
             .ok_or(ApiError::Service(ServiceError::Unauthenticated(
                 KeyRejection::Invalid,
             )))?;
@@ -300,43 +348,43 @@ impl FromRequestParts<AppState> for StreamCaller {
     }
 }
 
-/// Where an event stream resumes: the `Last-Event-ID` header, else `?last_event_id=`, else 0.
-pub struct LastEventId(pub i64);
-
-#[derive(serde::Deserialize)]
-struct LastEventQuery {
-    last_event_id: Option<String>,
-}
+/// Where an event stream resumes: the `Last-Event-ID` header, else `?last_event_id=`, else from
+/// the start.
+pub struct LastEventId(pub ResumePoint);
 
 impl<S: Send + Sync> FromRequestParts<S> for LastEventId {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let from_header = parts
-            .headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let raw = match from_header {
-            Some(raw) => Some(raw),
-            None => axum::extract::Query::<LastEventQuery>::from_request_parts(parts, state)
-                .await
-                .ok()
-                .and_then(|axum::extract::Query(q)| q.last_event_id),
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let raw = match parts.headers.get("last-event-id") {
+            Some(value) => value.to_str().ok().map(str::to_owned),
+            None => EventsQuery::read(parts).last_event_id,
         };
         match raw {
-            None => Ok(LastEventId(0)),
-            Some(raw) => raw
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .map(LastEventId)
-                .ok_or(ApiError::BadParameter {
-                    what: "Last-Event-ID",
-                    detail: format!("`{raw}` is not an output sequence number"),
-                }),
+            None => Ok(LastEventId(ResumePoint::default())),
+            Some(raw) => {
+                ResumePoint::parse(&raw)
+                    .map(LastEventId)
+                    .map_err(|rule| ApiError::BadParameter {
+                        what: "Last-Event-ID",
+                        detail: rule.0,
+                    })
+            }
         }
+    }
+}
+
+/// The `Idempotency-Key` header, as sent; a value that is not visible ASCII reads as empty, which
+/// the submit rules refuse.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Ok(IdempotencyKey(parts.headers.get("idempotency-key").map(
+            |value| value.to_str().map(str::to_owned).unwrap_or_default(),
+        )))
     }
 }
 
@@ -382,6 +430,35 @@ mod tests {
             resolver.resolve(peer, &headers("unknown")),
             "0.0.0.0".parse::<IpAddr>().unwrap()
         );
+    }
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut request = axum::http::Request::builder().uri("/debug/pprof/heap");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn only_a_known_loopback_peer_without_forwarding_is_local() {
+        let resolver = ClientIpResolver::default();
+        let loopback = Some(IpAddr::from([127, 0, 0, 1]));
+        assert!(Credentials::read(&parts(&[]), loopback, &resolver).local);
+        let v6_loopback = Some("::1".parse().unwrap());
+        assert!(Credentials::read(&parts(&[]), v6_loopback, &resolver).local);
+        let forwarded = parts(&[("x-forwarded-for", "1.2.3.4")]);
+        assert!(!Credentials::read(&forwarded, loopback, &resolver).local);
+        let remote = Some(IpAddr::from([10, 1, 2, 3]));
+        assert!(!Credentials::read(&parts(&[]), remote, &resolver).local);
+    }
+
+    #[test]
+    fn an_unknown_peer_is_not_local_and_matches_no_allowlist() {
+        let resolver = ClientIpResolver::default();
+        let credentials = Credentials::read(&parts(&[]), None, &resolver);
+        assert!(!credentials.local);
+        assert_eq!(credentials.client_ip, IpAddr::from([0, 0, 0, 0]));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Operations endpoints outside `/api/v1`: `/health`, `/ready`, `/metrics`.
+//! Operations endpoints outside `/api/v1`: `/health`, `/ready`, `/metrics`, `/debug/pprof/heap`.
 
 use axum::Json;
 use axum::extract::State;
@@ -10,9 +10,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::Credentials;
+use super::extract::AdminOrLocal;
 use super::problem::{ApiError, Problem};
-use crate::domain::api_key::Scope;
 use crate::services::ServiceError;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -68,19 +67,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         (status = 503, body = Problem)))]
 async fn heap_profile(
     State(state): State<AppState>,
-    credentials: Credentials,
+    _access: AdminOrLocal,
 ) -> Result<Response, ApiError> {
-    if !credentials.local {
-        let caller = state
-            .keys
-            .authenticate(
-                credentials.presented.as_deref(),
-                credentials.client_ip,
-                credentials.context,
-            )
-            .await?;
-        caller.require(Scope::Admin)?;
-    }
     let profile = state
         .profiler
         .heap_profile()

@@ -102,7 +102,8 @@ pub struct ProjectResponse {
     pub max_concurrency: u32,
     pub default_timeout_secs: u32,
     /// `kube` or `local`.
-    pub executor: String,
+    #[schema(value_type = String)]
+    pub executor: ExecutorKind,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -124,7 +125,7 @@ impl From<Project> for ProjectResponse {
                 .collect(),
             max_concurrency: project.max_concurrency,
             default_timeout_secs: project.default_timeout_secs,
-            executor: project.executor.as_str().to_owned(),
+            executor: project.executor,
             created_at: project.created_at,
             updated_at: project.updated_at,
         }

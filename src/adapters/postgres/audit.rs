@@ -1,0 +1,95 @@
+//! [`PgAuditLog`]: the hash-chained audit log on Postgres. Appends happen inside the transaction
+//! of the change they record ([`append`]); an advisory lock serialises them across replicas.
+
+use async_trait::async_trait;
+use sqlx::{PgConnection, PgPool};
+
+use crate::adapters::sql::{
+    AUDIT_COLUMNS, VERIFY_PAGE, audit_from_row, audit_insert, db, page, seal_audits, verify_chain,
+};
+use crate::domain::audit::{AuditEvent, ChainReport, NewAuditEvent};
+use crate::ports::{AuditFilter, AuditLog, Page, PortError};
+
+/// Any constant works; it only has to be the same on every replica.
+const AUDIT_LOCK: i64 = 7_262_011;
+
+/// Appends `events` to the chain inside the caller's transaction. The advisory lock (held until
+/// commit) makes reading the last hash and inserting atomic with respect to every other appender.
+pub(super) async fn append(
+    conn: &mut PgConnection,
+    events: &[NewAuditEvent],
+) -> Result<(), PortError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    let last: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    let sealed = seal_audits(last, events);
+    audit_insert(&sealed)
+        .build()
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+pub struct PgAuditLog {
+    pool: PgPool,
+}
+
+impl PgAuditLog {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl AuditLog for PgAuditLog {
+    async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log \
+             WHERE ($1::uuid IS NULL OR actor_key_id = $1) AND ($2::text IS NULL OR action = $2) \
+               AND ($3::text IS NULL OR target_id = $3) AND ($4::timestamptz IS NULL OR at >= $4) \
+               AND ($5::timestamptz IS NULL OR at < $5) AND ($6::bigint IS NULL OR seq < $6) \
+             ORDER BY seq DESC LIMIT $7"
+        ))
+        .bind(filter.actor.map(|a| a.as_uuid()))
+        .bind(filter.action.as_deref())
+        .bind(filter.target_id.as_deref())
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.before_seq)
+        .bind(i64::from(filter.limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let items = rows
+            .iter()
+            .map(audit_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(page(items, filter.limit, |e| e.seq.to_string()))
+    }
+
+    async fn verify(&self) -> Result<ChainReport, PortError> {
+        verify_chain(|after| async move {
+            let rows = sqlx::query(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ))
+            .bind(after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+            rows.iter().map(audit_from_row).collect()
+        })
+        .await
+    }
+}

@@ -1,0 +1,513 @@
+//! Port contract tests: one body per behaviour of the storage ports, run against SQLite and
+//! Postgres below HTTP. Time is moved with a manual clock, so expiry needs no sleeping (Postgres
+//! leases run on the database clock: a lease of zero has expired by the next statement).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdev_api::adapters::postgres::PgDatabase;
+use rdev_api::adapters::sqlite::SqliteDatabase;
+use rdev_api::domain::audit::{AuditContext, NewAuditEvent, action};
+use rdev_api::domain::command::{
+    Command, CommandLine, CommandOutcome, CommandStatus, OutputChunk, OutputStream, Priority,
+    TerminationReason,
+};
+use rdev_api::domain::ids::{ApiKeyId, CommandId, ProjectId};
+use rdev_api::domain::project::{EnvVars, ExecutorKind, Project, ProjectName, Workdir};
+use rdev_api::ports::clock::ManualClock;
+use rdev_api::ports::{
+    AuditFilter, AuditLog, Clock, CommandQueue, CommandStore, Finished, IdempotencyKey,
+    OutputProgress, OutputStore, PortError, ProjectRepository, Submission, SubmitOutcome,
+};
+use support::{Backend, TestDb};
+
+/// The storage ports of one backend, as the services see them.
+struct Stores {
+    projects: Arc<dyn ProjectRepository>,
+    audit: Arc<dyn AuditLog>,
+    commands: Arc<dyn CommandStore>,
+    queue: Arc<dyn CommandQueue>,
+    output: Arc<dyn OutputStore>,
+    clock: Arc<ManualClock>,
+    _db: TestDb,
+}
+
+impl Stores {
+    async fn open(backend: Backend) -> Option<Stores> {
+        let db = TestDb::new(backend).await?;
+        let clock = Arc::new(ManualClock::default());
+        let as_clock: Arc<dyn Clock> = clock.clone();
+        let stores = match backend {
+            Backend::Sqlite => {
+                let sqlite = SqliteDatabase::connect(&db.url).await.unwrap();
+                Stores {
+                    projects: Arc::new(sqlite.projects()),
+                    audit: Arc::new(sqlite.audit_log()),
+                    commands: Arc::new(sqlite.command_store(as_clock.clone())),
+                    queue: Arc::new(sqlite.command_queue(as_clock)),
+                    output: Arc::new(sqlite.output_store()),
+                    clock,
+                    _db: db,
+                }
+            }
+            Backend::Postgres => {
+                let pg = PgDatabase::connect(&db.url, 4).await.unwrap();
+                Stores {
+                    projects: Arc::new(pg.projects()),
+                    audit: Arc::new(pg.audit_log()),
+                    commands: Arc::new(pg.command_store(as_clock)),
+                    queue: Arc::new(pg.command_queue()),
+                    output: Arc::new(pg.output_store()),
+                    clock,
+                    _db: db,
+                }
+            }
+        };
+        Some(stores)
+    }
+
+    fn event(&self, action: &'static str, target: String) -> NewAuditEvent {
+        NewAuditEvent::new(
+            &AuditContext::system(),
+            self.clock.now(),
+            action,
+            ("test", target),
+            serde_json::json!({}),
+        )
+    }
+
+    async fn project(&self, name: &str, max_concurrency: u32) -> ProjectId {
+        let now = self.clock.now();
+        let project = Project {
+            id: ProjectId::new(),
+            name: ProjectName::parse(name.into()).unwrap(),
+            description: String::new(),
+            target: None,
+            workdir: Workdir::parse("/tmp".into()).unwrap(),
+            env: EnvVars::default(),
+            max_concurrency,
+            default_timeout_secs: 60,
+            executor: ExecutorKind::Local,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = self.event(action::PROJECT_CREATED, project.id.to_string());
+        self.projects.insert(&project, event).await.unwrap();
+        project.id
+    }
+
+    fn command(&self, project: ProjectId, priority: Priority, text: &str) -> Command {
+        Command {
+            id: CommandId::new(),
+            project_id: project,
+            command: CommandLine::parse(text.into()).unwrap(),
+            env: EnvVars::default(),
+            priority,
+            timeout_secs: 60,
+            status: CommandStatus::Queued,
+            submitted_by: None,
+            created_at: self.clock.now(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            termination_reason: None,
+            error: None,
+            cancel_requested: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            dropped_bytes: 0,
+            truncated: false,
+            last_seq: 0,
+        }
+    }
+
+    async fn submit_with(
+        &self,
+        command: Command,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<SubmitOutcome, PortError> {
+        let event = self.event(action::COMMAND_SUBMITTED, command.id.to_string());
+        self.commands
+            .submit(Submission {
+                command,
+                audit: event,
+                idempotency,
+                max_queued: 1000,
+            })
+            .await
+    }
+
+    /// Queues a command (named by its command line) and returns its id.
+    async fn submit(&self, project: ProjectId, priority: Priority, text: &str) -> CommandId {
+        let command = self.command(project, priority, text);
+        let id = command.id;
+        match self.submit_with(command, None).await.unwrap() {
+            SubmitOutcome::Created(_) => id,
+            other => panic!("expected a new command, got {other:?}"),
+        }
+    }
+
+    /// Claims and returns the claimed command lines in claim order.
+    async fn claim(&self, owner: &str, lease: Duration, limit: usize) -> Vec<String> {
+        self.queue
+            .claim(owner, lease, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|claim| claim.command.command.as_str().to_owned())
+            .collect()
+    }
+
+    fn finished(&self, id: CommandId, exit_code: i32) -> Finished {
+        let (status, reason) = CommandOutcome::status_for(Some(exit_code), None);
+        Finished {
+            id,
+            outcome: CommandOutcome {
+                status,
+                exit_code: Some(exit_code),
+                reason,
+                error: None,
+                finished_at: self.clock.now(),
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                dropped_bytes: 0,
+                truncated: false,
+                last_seq: 0,
+            },
+            audit: self.event(action::COMMAND_FINISHED, id.to_string()),
+        }
+    }
+}
+
+fn chunk(seq: i64, data: &str) -> OutputChunk {
+    OutputChunk {
+        seq,
+        stream: OutputStream::Stdout,
+        data: data.into(),
+    }
+}
+
+fn progress(last_seq: i64) -> OutputProgress {
+    OutputProgress {
+        last_seq,
+        ..OutputProgress::default()
+    }
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Stamps each body (`async fn name(stores: Stores)`) for both stores.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(stores) = super::Stores::open(super::Backend::Sqlite).await {
+                        super::$name(stores).await
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(stores) = super::Stores::open(super::Backend::Postgres).await {
+                        super::$name(stores).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    claims_take_the_best_priority_across_projects,
+    projects_with_a_backlog_share_the_workers,
+    claims_respect_max_concurrency_and_finishes_free_the_slot,
+    finishes_are_fenced_by_the_lease_owner,
+    expired_leases_become_lost_and_fence_their_owner_out,
+    renewals_keep_a_lease_and_report_cancel_requests,
+    output_is_paged_by_seq_and_appends_are_idempotent,
+    idempotency_keys_return_the_first_command_until_they_expire,
+    cancel_ends_a_queued_command_and_refuses_an_ended_one,
+    a_project_with_active_commands_cannot_be_deleted,
+    the_audit_chain_covers_every_write_and_pages_newest_first,
+);
+
+async fn claims_take_the_best_priority_across_projects(s: Stores) {
+    let a = s.project("a", 10).await;
+    let b = s.project("b", 10).await;
+    s.submit(a, Priority::Critical, "a-critical").await;
+    s.submit(a, Priority::Low, "a-low-1").await;
+    s.submit(a, Priority::Low, "a-low-2").await;
+    s.submit(b, Priority::High, "b-high").await;
+    assert_eq!(
+        s.claim("r1", LONG, 3).await,
+        ["a-critical", "b-high", "a-low-1"],
+        "one claim does not fill every slot from the project owning the best command"
+    );
+    assert_eq!(s.claim("r1", LONG, 3).await, ["a-low-2"]);
+    assert!(s.claim("r1", LONG, 3).await.is_empty());
+}
+
+async fn projects_with_a_backlog_share_the_workers(s: Stores) {
+    let a = s.project("a", 10).await;
+    let b = s.project("b", 10).await;
+    for i in 1..=3 {
+        s.submit(a, Priority::Normal, &format!("a{i}")).await;
+    }
+    for i in 1..=3 {
+        s.submit(b, Priority::Normal, &format!("b{i}")).await;
+    }
+    // Fewest running first within a priority: a's older backlog does not starve b.
+    assert_eq!(s.claim("r1", LONG, 4).await, ["a1", "b1", "a2", "b2"]);
+    assert_eq!(s.claim("r1", LONG, 1).await, ["a3"]);
+}
+
+async fn claims_respect_max_concurrency_and_finishes_free_the_slot(s: Stores) {
+    let p = s.project("p", 1).await;
+    let first = s.submit(p, Priority::Normal, "first").await;
+    s.submit(p, Priority::Normal, "second").await;
+    assert_eq!(s.claim("r1", LONG, 4).await, ["first"]);
+    assert!(
+        s.claim("r1", LONG, 4).await.is_empty(),
+        "the project's one slot is taken"
+    );
+    let results = s.queue.finish("r1", &[s.finished(first, 0)]).await.unwrap();
+    let ended = results.into_iter().next().unwrap().unwrap();
+    assert_eq!(ended.status, CommandStatus::Succeeded);
+    assert_eq!(s.claim("r1", LONG, 4).await, ["second"]);
+}
+
+async fn finishes_are_fenced_by_the_lease_owner(s: Stores) {
+    let p = s.project("p", 1).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    assert_eq!(s.claim("r1", LONG, 1).await, ["c"]);
+    let stranger = s.queue.finish("r2", &[s.finished(id, 0)]).await.unwrap();
+    assert!(matches!(stranger[0], Err(PortError::LeaseLost)));
+    assert_eq!(
+        s.commands.get(id).await.unwrap().status,
+        CommandStatus::Running
+    );
+    let owner = s.queue.finish("r1", &[s.finished(id, 3)]).await.unwrap();
+    assert_eq!(owner[0].as_ref().unwrap().status, CommandStatus::Failed);
+    let again = s.queue.finish("r1", &[s.finished(id, 0)]).await.unwrap();
+    assert!(matches!(again[0], Err(PortError::LeaseLost)));
+    let stored = s.commands.get(id).await.unwrap();
+    assert_eq!(
+        (stored.status, stored.exit_code),
+        (CommandStatus::Failed, Some(3))
+    );
+}
+
+async fn expired_leases_become_lost_and_fence_their_owner_out(s: Stores) {
+    let p = s.project("p", 1).await;
+    let stale = s.submit(p, Priority::Normal, "stale").await;
+    s.submit(p, Priority::Normal, "next").await;
+    assert_eq!(s.claim("r1", Duration::ZERO, 1).await, ["stale"]);
+    s.clock.advance(Duration::from_secs(1));
+    let lost = s
+        .queue
+        .expire_leases(&AuditContext::system())
+        .await
+        .unwrap();
+    assert_eq!(lost.iter().map(|c| c.id).collect::<Vec<_>>(), [stale]);
+    let command = s.commands.get(stale).await.unwrap();
+    assert_eq!(command.status, CommandStatus::Lost);
+    assert_eq!(command.termination_reason, Some(TerminationReason::Lost));
+
+    // The replica that stalled comes back: none of its writes land.
+    let renewed = s.queue.renew_leases("r1", &[stale], LONG).await.unwrap();
+    assert_eq!(renewed.lost, [stale]);
+    let append = s
+        .output
+        .append(stale, "r1", &[chunk(1, "late\n")], progress(1))
+        .await;
+    assert!(matches!(append, Err(PortError::LeaseLost)));
+    assert!(s.output.read_after(stale, 0, 10).await.unwrap().is_empty());
+    let finish = s.queue.finish("r1", &[s.finished(stale, 0)]).await.unwrap();
+    assert!(matches!(finish[0], Err(PortError::LeaseLost)));
+    assert_eq!(
+        s.commands.get(stale).await.unwrap().status,
+        CommandStatus::Lost
+    );
+    // Its slot was given back exactly once.
+    assert_eq!(s.claim("r2", LONG, 4).await, ["next"]);
+}
+
+async fn renewals_keep_a_lease_and_report_cancel_requests(s: Stores) {
+    let p = s.project("p", 2).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    s.claim("r1", LONG, 1).await;
+    s.clock.advance(Duration::from_secs(1));
+    assert!(
+        s.queue
+            .expire_leases(&AuditContext::system())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let renewed = s.queue.renew_leases("r1", &[id], LONG).await.unwrap();
+    assert!(renewed.lost.is_empty() && renewed.cancel_requested.is_empty());
+    let event = s.event(action::COMMAND_CANCEL_REQUESTED, id.to_string());
+    let flagged = s.commands.request_cancel(id, event).await.unwrap();
+    assert_eq!(
+        (flagged.status, flagged.cancel_requested),
+        (CommandStatus::Running, true)
+    );
+    let renewed = s.queue.renew_leases("r1", &[id], LONG).await.unwrap();
+    assert_eq!(renewed.cancel_requested, [id]);
+    let stranger = s.queue.renew_leases("r2", &[id], LONG).await.unwrap();
+    assert_eq!(stranger.lost, [id], "only the owner renews");
+}
+
+async fn output_is_paged_by_seq_and_appends_are_idempotent(s: Stores) {
+    let p = s.project("p", 1).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    s.claim("r1", LONG, 1).await;
+    let batch: Vec<_> = (1..=5).map(|seq| chunk(seq, &format!("{seq}\n"))).collect();
+    s.output
+        .append(id, "r1", &batch, progress(5))
+        .await
+        .unwrap();
+    // A retried batch whose first commit landed is not an error, and adds nothing.
+    s.output
+        .append(id, "r1", &batch, progress(5))
+        .await
+        .unwrap();
+    let first = s.output.read_after(id, 0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+    let rest = s.output.read_after(id, 2, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(rest[0], chunk(3, "3\n"));
+    assert_eq!(s.commands.get(id).await.unwrap().last_seq, 5);
+    let stranger = s
+        .output
+        .append(id, "r2", &[chunk(6, "x")], progress(6))
+        .await;
+    assert!(matches!(stranger, Err(PortError::LeaseLost)));
+    assert_eq!(s.output.read_after(id, 5, 10).await.unwrap(), []);
+}
+
+async fn idempotency_keys_return_the_first_command_until_they_expire(s: Stores) {
+    let p = s.project("p", 1).await;
+    let key = |hash: &str, clock: &ManualClock| IdempotencyKey {
+        api_key: ApiKeyId::from_uuid(uuid::Uuid::nil()),
+        key: "retry-1".into(),
+        request_hash: hash.into(),
+        fresh_after: clock.now() - time::Duration::hours(24),
+    };
+    let first = s.command(p, Priority::Normal, "c");
+    let first_id = first.id;
+    let created = s
+        .submit_with(first, Some(key("h1", &s.clock)))
+        .await
+        .unwrap();
+    assert!(matches!(created, SubmitOutcome::Created(c) if c.id == first_id));
+    let replay = s
+        .submit_with(
+            s.command(p, Priority::Normal, "c"),
+            Some(key("h1", &s.clock)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(replay, SubmitOutcome::Existing(c) if c.id == first_id));
+    let other = s
+        .submit_with(
+            s.command(p, Priority::Normal, "d"),
+            Some(key("h2", &s.clock)),
+        )
+        .await;
+    assert!(matches!(other, Err(PortError::IdempotencyMismatch)));
+    s.clock.advance(Duration::from_secs(25 * 3600));
+    let later = s.command(p, Priority::Normal, "d");
+    let later_id = later.id;
+    let fresh = s
+        .submit_with(later, Some(key("h2", &s.clock)))
+        .await
+        .unwrap();
+    assert!(matches!(fresh, SubmitOutcome::Created(c) if c.id == later_id));
+}
+
+async fn cancel_ends_a_queued_command_and_refuses_an_ended_one(s: Stores) {
+    let p = s.project("p", 1).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    let event = || s.event(action::COMMAND_CANCEL_REQUESTED, id.to_string());
+    s.clock.advance(Duration::from_secs(3600));
+    let before = s.clock.now();
+    let cancelled = s.commands.request_cancel(id, event()).await.unwrap();
+    assert_eq!(cancelled.status, CommandStatus::Cancelled);
+    assert_eq!(
+        cancelled.termination_reason,
+        Some(TerminationReason::Cancel)
+    );
+    let finished = cancelled.finished_at.unwrap();
+    assert!(
+        (before..=s.clock.now()).contains(&finished),
+        "stamped by the store's clock"
+    );
+    assert!(matches!(
+        s.commands.request_cancel(id, event()).await,
+        Err(PortError::AlreadyEnded(CommandStatus::Cancelled))
+    ));
+    assert!(
+        s.claim("r1", LONG, 1).await.is_empty(),
+        "a cancelled command is never claimed"
+    );
+}
+
+async fn a_project_with_active_commands_cannot_be_deleted(s: Stores) {
+    let p = s.project("p", 1).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    let event = || s.event(action::PROJECT_DELETED, p.to_string());
+    assert!(matches!(
+        s.projects.delete(p, event()).await,
+        Err(PortError::ProjectBusy { active: 1 })
+    ));
+    let cancel = s.event(action::COMMAND_CANCEL_REQUESTED, id.to_string());
+    s.commands.request_cancel(id, cancel).await.unwrap();
+    s.projects.delete(p, event()).await.unwrap();
+    assert!(matches!(s.projects.get(p).await, Err(PortError::NotFound)));
+    assert!(matches!(
+        s.projects.delete(p, event()).await,
+        Err(PortError::NotFound)
+    ));
+}
+
+async fn the_audit_chain_covers_every_write_and_pages_newest_first(s: Stores) {
+    let p = s.project("p", 1).await;
+    let id = s.submit(p, Priority::Normal, "c").await;
+    s.claim("r1", LONG, 1).await;
+    s.queue.finish("r1", &[s.finished(id, 0)]).await.unwrap();
+    let report = s.audit.verify().await.unwrap();
+    assert_eq!((report.checked, report.first_broken), (3, None));
+    let page = s
+        .audit
+        .list(&AuditFilter {
+            limit: 2,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    let actions: Vec<_> = page.items.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [action::COMMAND_FINISHED, action::COMMAND_SUBMITTED]
+    );
+    let older = s
+        .audit
+        .list(&AuditFilter {
+            limit: 2,
+            before_seq: page.next_cursor.map(|c| c.parse().unwrap()),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(older.items.len(), 1);
+    assert_eq!(older.items[0].action, action::PROJECT_CREATED);
+    assert_eq!(older.next_cursor, None);
+}
