@@ -438,7 +438,8 @@ impl KeyAdmin {
 
 pub async fn key_admin(database_url: &Secret) -> Result<KeyAdmin, StartupError> {
     let storage = Storage::open(&Config::with_database(database_url.expose())).await?;
-    let keys = ApiKeyService::new(storage.ports().keys, Arc::new(SystemClock));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = ApiKeyService::new(storage.ports(&clock).keys, clock);
     Ok(KeyAdmin { keys, storage })
 }
 

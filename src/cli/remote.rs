@@ -276,7 +276,7 @@ fn write_output(data: &str) {
         #[serde(borrow)]
         data: std::borrow::Cow<'a, str>,
     }
-    let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+    let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data) else {
         return;
     };
     // A closed pipe (`| head`) is not an error worth reporting.

@@ -22,7 +22,6 @@ impl Caller {
     pub fn operator() -> Self {
         Self {
             key_id: ApiKeyId::from_uuid(uuid::Uuid::nil()),
-            key_name: "operator".into(),
             scopes: Scopes::admin(),
             project_ids: vec![],
             context: AuditContext::system(),

@@ -3,7 +3,8 @@
 // stream and check that no line is lost or repeated, cancel another command, read /docs, and
 // save a screenshot. The browser reaches the server through a TCP proxy this script controls,
 // so "dropping the network" is real: every connection is reset and new ones are refused for a
-// moment.
+// moment, or answered with 503 (after which EventSource gives up and the console reopens
+// the stream itself).
 
 import assert from 'node:assert/strict';
 import { mkdir } from 'node:fs/promises';
@@ -34,17 +35,22 @@ async function startProxy(target) {
   const sockets = new Set();
   const requests = [];
   let refusing = false;
+  let failing = false;
   const server = net.createServer((client) => {
     if (refusing) {
       client.resetAndDestroy();
+      return;
+    }
+    if (failing) {
+      client.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
     const upstream = net.connect(Number(port), hostname);
     sockets.add(client);
     sockets.add(upstream);
     client.on('data', (chunk) => {
-      const line = chunk.toString('latin1').split('\r\n', 1)[0];
-      if (/^(GET|POST|PUT|PATCH|DELETE) /.test(line)) requests.push(line);
+      const head = chunk.toString('latin1').split('\r\n\r\n', 1)[0];
+      if (/^(GET|POST|PUT|PATCH|DELETE) /.test(head)) requests.push(head);
     });
     client.pipe(upstream).pipe(client);
     const close = () => {
@@ -66,6 +72,13 @@ async function startProxy(target) {
       for (const socket of sockets) socket.resetAndDestroy();
       await new Promise((resolve) => setTimeout(resolve, ms));
       refusing = false;
+    },
+    /** Resets every open connection and answers 503 to new ones for `ms`. */
+    async fail(ms) {
+      failing = true;
+      for (const socket of sockets) socket.resetAndDestroy();
+      await new Promise((resolve) => setTimeout(resolve, ms));
+      failing = false;
     },
     close: () => server.close(),
   };
@@ -98,7 +111,7 @@ async function main() {
     console.log('signed in');
 
     // Run a command that prints numbered lines over ~6 s, a coloured word, and stderr.
-    const lines = 60;
+    const lines = 100;
     await page.getByLabel('Command', { exact: true }).fill(
       `for i in $(seq 1 ${lines}); do echo "line $i"; sleep 0.1; done; printf '\\033[31mred\\033[0m\\n'; echo oops >&2; exit 3`,
     );
@@ -115,10 +128,27 @@ async function main() {
     await page.locator('#connection[data-state="live"]').waitFor({ timeout: 15000 });
     const resumed = proxy.requests.filter((r) => r.includes('/events?')).slice(eventsBefore);
     assert.ok(
-      resumed.some((r) => /last_event_id=[1-9]/.test(r)),
-      `the console reconnected with last_event_id: ${resumed.join(' | ')}`,
+      resumed.some((r) => /last_event_id=[1-9]|\r\nlast-event-id: [1-9]/i.test(r)),
+      `the console reconnected after the last output it showed: ${resumed.join(' | ')}`,
     );
-    console.log('stream dropped and resumed');
+    const how = resumed.some((r) => /\r\nlast-event-id: /i.test(r)) ? 'the browser, with Last-Event-ID' : 'the console, with a fresh token';
+    console.log(`stream dropped and resumed by ${how}`);
+
+    // Now the server "fails" for a moment: EventSource stops retrying on an error answer, and
+    // the console must reopen the stream itself from the last line it showed.
+    const shown = Number(await output.getAttribute('data-last-seq'));
+    await page.waitForFunction((seq) => Number(document.getElementById('output').dataset.lastSeq) > seq, shown);
+    const eventsBeforeFailure = proxy.requests.filter((r) => r.includes('/events?')).length;
+    // Longer than the reconnect delay the server suggests (`retry: 2000`), so the browser's own
+    // retry meets the 503.
+    await proxy.fail(3500);
+    await page.locator('#connection[data-state="live"], #connection[data-state="closed"]').waitFor({ timeout: 15000 });
+    const reopened = proxy.requests.filter((r) => r.includes('/events?')).slice(eventsBeforeFailure);
+    assert.ok(
+      reopened.some((r) => /last_event_id=[1-9]/.test(r.split('\r\n', 1)[0])),
+      `the console reopened the stream after the last output it showed: ${reopened.map((r) => r.split('\r\n', 1)[0]).join(' | ')}`,
+    );
+    console.log('stream failed and reopened by the console with a fresh token');
 
     await page.locator('#status.status-failed').waitFor({ timeout: 30000 });
     assert.equal(await page.locator('#exit-code').textContent(), '3');

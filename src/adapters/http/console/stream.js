@@ -1,12 +1,14 @@
 // Following a command's events with EventSource, resumable without losing or repeating output.
 //
-// EventSource cannot send an Authorization header, so each connection uses a stream token from
-// `POST /commands/{id}/stream-token`. Tokens are short-lived, so the browser's own reconnect
-// (same URL, same token) would fail after the token expires: on any error this class closes the
-// EventSource itself and opens a new one with a fresh token and `last_event_id` set to the last
-// output sequence number it has shown. Output events are numbered from 1 without gaps; one at
-// or below that number is a repeat and is skipped, one past the next number means something was
-// missed and the stream is reopened from the last one shown.
+// EventSource cannot send an Authorization header, so the stream is opened with a stream token
+// from `POST /commands/{id}/stream-token`. After a network drop the browser reconnects by
+// itself with the same URL and a `Last-Event-ID` header (the token keeps opening the stream of
+// a command that has not ended). When the browser gives up instead (the server answered with
+// an error: too many streams, a restart), this class opens a new EventSource with a fresh
+// token and `last_event_id` set to the last output it has shown. Either way output events are
+// numbered from 1 without gaps: one at or below that number is a repeat and is skipped, one
+// past the next number means something was missed and the stream is reopened from the last
+// one shown.
 
 import { api } from './api.js';
 
@@ -28,7 +30,9 @@ export class CommandStream {
     this.retryMs = FIRST_RETRY_MS;
     this.timer = null;
     this.attempts = 0;
-    this.onOnline = () => this.reconnectSoon(0);
+    this.onOnline = () => {
+      if (!this.source || this.source.readyState !== EventSource.OPEN) this.reconnectSoon(0);
+    };
     window.addEventListener('online', this.onOnline);
   }
 
@@ -69,7 +73,8 @@ export class CommandStream {
     });
     source.addEventListener('error', () => {
       if (this.source !== source || this.finished) return;
-      this.reconnectSoon();
+      if (source.readyState === EventSource.CLOSED) this.reconnectSoon();
+      else this.handlers.connection('reconnecting'); // the browser retries, with Last-Event-ID
     });
   }
 
