@@ -342,3 +342,88 @@ async fn commands_and_projects_list_show_and_logs() {
         cancel.stderr
     );
 }
+
+/// The binary as an operator tool on `database_url`.
+async fn operator(database_url: &str, args: &[&str]) -> Finished {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rdev-api"));
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    finish(command.spawn().unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_migrate_and_manage_keys_without_a_server() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let migrated = operator(&db.url, &["migrate"]).await;
+    assert!(migrated.status.success(), "{}", migrated.stderr);
+
+    let created = operator(
+        &db.url,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "ci-bot",
+            "--scopes",
+            "read,execute",
+        ],
+    )
+    .await;
+    assert!(created.status.success(), "{}", created.stderr);
+    let secret = created.stdout.trim().to_owned();
+    assert!(
+        secret.starts_with("rdev_"),
+        "only the secret on stdout: {secret}"
+    );
+
+    let refused = operator(
+        &db.url,
+        &["keys", "create", "--name", "x", "--scopes", "root"],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(125));
+    assert!(
+        refused.stderr.starts_with("rdev-api: invalid --scopes"),
+        "{}",
+        refused.stderr
+    );
+
+    // A server on that database accepts the key (and bootstraps nothing: it is not empty).
+    let server = TestServer::start(&db).await;
+    let me: Value = server
+        .get("/api/v1/me", &secret)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["name"], "ci-bot");
+    assert_eq!(me["scopes"], json!(["read", "execute"]));
+
+    let listed = operator(&db.url, &["keys", "list"]).await;
+    let row = listed
+        .stdout
+        .lines()
+        .find(|line| line.contains("ci-bot"))
+        .expect("the key is listed")
+        .to_owned();
+    let id = row.split_whitespace().next().unwrap().to_owned();
+    assert_eq!(id, me["id"]);
+
+    let revoked = operator(&db.url, &["keys", "revoke", &id]).await;
+    assert!(revoked.status.success(), "{}", revoked.stderr);
+    let listed = operator(&db.url, &["keys", "list"]).await;
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.contains("ci-bot"))
+        .unwrap()
+        .to_owned();
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_ne!(columns[6], "-", "REVOKED is set: {row}");
+    server.stop().await;
+}
