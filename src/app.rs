@@ -17,7 +17,7 @@ use crate::adapters::local::{LocalExecutor, RunAs};
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore, OutputBus,
@@ -428,6 +428,33 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         }
     });
     app.run().await
+}
+
+/// Opens the database (applying its migrations) and closes it again: `rdev-api migrate`.
+pub async fn migrate(database_url: &Secret) -> Result<(), StartupError> {
+    let storage = Storage::open(&Config::with_database(database_url.expose())).await?;
+    storage.close().await;
+    Ok(())
+}
+
+/// The key use cases straight against the database, for `rdev-api keys ...` (no server; a
+/// running server sees changes within its CACHE_TTL).
+pub struct KeyAdmin {
+    pub keys: ApiKeyService,
+    storage: Storage,
+}
+
+impl KeyAdmin {
+    pub async fn close(self) {
+        self.storage.close().await;
+    }
+}
+
+pub async fn key_admin(database_url: &Secret) -> Result<KeyAdmin, StartupError> {
+    let storage = Storage::open(&Config::with_database(database_url.expose())).await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = ApiKeyService::new(storage.ports(&clock).keys, clock);
+    Ok(KeyAdmin { keys, storage })
 }
 
 enum Signal {

@@ -1,5 +1,8 @@
 //! Configuration: read once at start from the environment (12-factor) or the matching flags,
 //! validated by the parsers here so that a bad value stops the server with the variable's name.
+//! [`Cli`] is the whole command line: the server (the default), operator tasks against the
+//! database, and the client of a running server; every setting read from the environment is
+//! declared in this file.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use ipnet::IpNet;
 
+use crate::cli::{CommandsAction, KeysAction, ProjectsAction, RunArgs};
 use crate::domain::project::ExecutorKind;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://rdev.db";
@@ -234,6 +238,109 @@ impl Config {
     }
 }
 
+/// The command line. Without a subcommand it serves, taking the server's flags directly (so
+/// `rdev-api` with `RDEV_*` variables behaves as `rdev-api serve`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "rdev-api",
+    version,
+    about = "HTTP gateway for running commands in Kubernetes pods",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    #[command(flatten)]
+    pub serve: Box<Config>,
+}
+
+impl Cli {
+    /// What to do: the subcommand given, or serving.
+    pub fn into_command(self) -> CliCommand {
+        self.command.unwrap_or(CliCommand::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CliCommand {
+    /// Run the server (the default).
+    Serve(Box<Config>),
+    /// Apply the database migrations, then exit (the server also applies them at start).
+    Migrate(DatabaseConfig),
+    /// Manage API keys directly in the database (operators; no server needed).
+    Keys {
+        #[command(flatten)]
+        database: DatabaseConfig,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Run a command on a server and stream its output here; exits with its exit code.
+    #[command(after_help = RUN_EXIT_STATUS)]
+    Run {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// List, show, cancel and read the output of commands on a server.
+    Commands {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(subcommand)]
+        action: CommandsAction,
+    },
+    /// List the projects on a server.
+    Projects {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(subcommand)]
+        action: ProjectsAction,
+    },
+}
+
+const RUN_EXIT_STATUS: &str = "Exit status: the command's exit code; 124 timed out; 125 rdev-api \
+     itself failed (server unreachable, request refused); 127 could not be started; 128 killed \
+     by a signal; 129 lost (the replica running it went away); 130 cancelled.";
+
+/// The database an operator command works on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseConfig {
+    /// Storage: `sqlite://PATH` or `postgres://...`, as the server uses.
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = parse_database_url, hide_env_values = true, global = true)]
+    pub database_url: Secret,
+}
+
+/// The server a client command talks to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerConfig {
+    /// Base URL of the rdev-api server (`http://` or `https://`).
+    #[arg(long, env = "RDEV_URL", value_name = "RDEV_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_server_url, global = true)]
+    pub url: String,
+
+    /// API key, sent as `Authorization: Bearer`.
+    // Optional here because clap cannot require a global flag; the client refuses to start
+    // without it.
+    #[arg(
+        long,
+        env = "RDEV_API_KEY",
+        value_name = "RDEV_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub api_key: Option<Secret>,
+}
+
+fn parse_server_url(raw: &str) -> Result<String, String> {
+    let trimmed = raw.trim_end_matches('/');
+    let host = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"));
+    match host {
+        Some(host) if !host.is_empty() => Ok(trimmed.to_owned()),
+        _ => Err("expected http://HOST[:PORT] or https://HOST[:PORT]".into()),
+    }
+}
+
 fn parse_database_url(raw: &str) -> Result<Secret, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -275,6 +382,56 @@ mod tests {
         assert_eq!(config.cache_ttl, Duration::from_secs(15));
         assert_eq!(config.trusted_proxies.len(), 2);
         assert!(format!("{config:?}").contains("Secret(..)"));
+    }
+
+    #[test]
+    fn no_subcommand_serves_with_the_server_flags() {
+        let cli = Cli::try_parse_from(["rdev-api", "--workers", "7"]).unwrap();
+        let CliCommand::Serve(config) = cli.into_command() else {
+            panic!("expected serve");
+        };
+        assert_eq!(config.workers, 7);
+        let cli = Cli::try_parse_from(["rdev-api", "serve", "--workers", "3"]).unwrap();
+        assert!(matches!(cli.into_command(), CliCommand::Serve(c) if c.workers == 3));
+    }
+
+    #[test]
+    fn client_commands_parse_the_remote_command_verbatim() {
+        let cli = Cli::try_parse_from([
+            "rdev-api",
+            "run",
+            "--api-key",
+            "k",
+            "--project",
+            "demo",
+            "--priority",
+            "high",
+            "--",
+            "ls",
+            "-la",
+            "my dir",
+        ])
+        .unwrap();
+        let CliCommand::Run { server, args } = cli.into_command() else {
+            panic!("expected run");
+        };
+        assert_eq!(server.url, "http://127.0.0.1:8080");
+        assert_eq!(args.command, ["ls", "-la", "my dir"]);
+        assert!(
+            Cli::try_parse_from([
+                "rdev-api",
+                "run",
+                "--api-key",
+                "k",
+                "--url",
+                "ftp://x",
+                "--project",
+                "p",
+                "--",
+                "true"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The `rdev-api` binary: read the configuration, start logging, run the server.
+//! The `rdev-api` binary: parse the command line, then serve (the default) or run a subcommand.
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
@@ -11,13 +13,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "malloc_conf")]
 pub static malloc_conf: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
-use rdev_api::adapters::telemetry;
-use rdev_api::config::{Config, LogFormat};
+use rdev_api::config::Cli;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    telemetry::init_logging(config.log_format == LogFormat::Json);
-    rdev_api::app::run(config).await?;
-    Ok(())
+async fn main() -> ExitCode {
+    rdev_api::cli::main(Cli::parse().into_command()).await
 }

@@ -1,9 +1,10 @@
 //! The HTTP API: routes, handlers (thin: extract, call one service method, map the result),
-//! problem+json errors, SSE, metrics and the generated OpenAPI document.
+//! problem+json errors, SSE, metrics, the generated OpenAPI document, and the web console.
 
 pub mod api_keys;
 pub mod audit;
 pub mod commands;
+pub mod console;
 pub mod extract;
 pub mod ops;
 pub mod problem;
@@ -121,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(ops::routes())
         .split_for_parts();
+    let api = api.merge(console::routes());
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");

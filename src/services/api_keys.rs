@@ -200,7 +200,8 @@ impl ApiKeyService {
             allowed_ips: new.allowed_ips,
             project_ids: new.project_ids,
             created_at: now,
-            created_by: Some(caller.key_id),
+            // The acting key; none for an operator working on the database directly.
+            created_by: caller.context.actor,
             expires_at: new.expires_at,
             revoked_at: None,
             last_used_at: None,

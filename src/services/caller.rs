@@ -16,6 +16,18 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// An operator at the server's own command line (`rdev-api keys ...` against the
+    /// database): an unrestricted admin holding no key, audited as the system. Its `key_id` is
+    /// the nil id, which no key has.
+    pub fn operator() -> Self {
+        Self {
+            key_id: ApiKeyId::from_uuid(uuid::Uuid::nil()),
+            scopes: Scopes::admin(),
+            project_ids: vec![],
+            context: AuditContext::system(),
+        }
+    }
+
     pub fn require(&self, scope: Scope) -> Result<(), ServiceError> {
         if self.scopes.allows(scope) {
             Ok(())

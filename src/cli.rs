@@ -1,0 +1,175 @@
+//! The binary's subcommands beyond serving: operator tasks straight against the database
+//! (`migrate`, `keys`) and a client of a running server (`run`, `commands`, `projects`).
+//! [`main`] is the one entry point `main.rs` calls.
+//!
+//! Exit status of `run` (and `commands logs -f`): the command's own exit code when it exited;
+//! 124 timed out, 125 rdev-api itself failed (server unreachable, request refused), 127 the
+//! command could not be started, 128 killed by a signal, 129 lost (the replica running it went
+//! away), 130 cancelled (Ctrl-C here, or by anyone else).
+
+pub mod client;
+pub mod operator;
+pub mod remote;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::adapters::telemetry;
+use crate::config::{CliCommand, LogFormat};
+
+/// Exit status when rdev-api itself fails (as `docker run` and `timeout` do).
+pub const EXIT_CLIENT_FAILED: u8 = 125;
+
+/// `rdev-api keys ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysAction {
+    /// Create a key; prints its secret (shown only this once) on stdout.
+    Create {
+        /// A name people recognise (`ci-bot`).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: `read`, `execute`, `admin`.
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+        /// A project the key may use (repeatable; none means all).
+        #[arg(long = "project-id", value_name = "ID")]
+        project_ids: Vec<uuid::Uuid>,
+        /// A CIDR or address the key may be used from (repeatable; none means any).
+        #[arg(long = "allowed-ip", value_name = "CIDR")]
+        allowed_ips: Vec<String>,
+        /// Expire after this long (`90d`, `12h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// List every key (never their secrets).
+    List,
+    /// Revoke a key. A running server notices within CACHE_TTL.
+    Revoke { id: uuid::Uuid },
+}
+
+/// `rdev-api run ...`
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The project, by name or id.
+    #[arg(long, short = 'p')]
+    pub project: String,
+    /// `low`, `normal`, `high` or `critical`.
+    #[arg(long, default_value = "normal", value_parser = ["low", "normal", "high", "critical"])]
+    pub priority: String,
+    /// Stop the command after this long (`30s`, `5m`); the project's default otherwise.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// `NAME=VALUE` added to the command's environment (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+    /// Do not print progress (queue position, start) even on a terminal.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// The command. One argument is a shell script run as given (`'make && make test'`);
+    /// several are quoted so that the remote shell sees exactly these arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `rdev-api commands ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum CommandsAction {
+    /// Recent commands, newest first.
+    List {
+        /// Only this project (name or id).
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+        /// Only this status (`queued`, `running`, `succeeded`, ...).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One command in detail.
+    Show { id: uuid::Uuid },
+    /// Cancel a queued or running command.
+    Cancel { id: uuid::Uuid },
+    /// Its output so far (stdout here, stderr to stderr); `-f` follows until it ends and exits
+    /// with its exit status.
+    Logs {
+        id: uuid::Uuid,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+/// `rdev-api projects ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum ProjectsAction {
+    /// Projects this key can see.
+    List,
+}
+
+fn parse_env_pair(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .filter(|(name, _)| !name.is_empty())
+        .ok_or_else(|| format!("`{raw}` is not NAME=VALUE"))
+}
+
+/// Runs one subcommand to completion and says how the process should exit.
+pub async fn main(command: CliCommand) -> ExitCode {
+    match command {
+        CliCommand::Serve(config) => {
+            telemetry::init_logging(config.log_format == LogFormat::Json);
+            match crate::app::run(*config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("rdev-api: {}", one_line(&error));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        CliCommand::Migrate(database) => operator::migrate(&database).await,
+        CliCommand::Keys { database, action } => operator::keys(&database, action).await,
+        CliCommand::Run { server, args } => remote::run(&server, args).await,
+        CliCommand::Commands { server, action } => remote::commands(&server, action).await,
+        CliCommand::Projects { server, action } => remote::projects(&server, action).await,
+    }
+}
+
+/// Prints an error and its causes as one line, `rdev-api: what: why: why`.
+pub fn fail(error: &dyn std::error::Error) -> ExitCode {
+    eprintln!("rdev-api: {}", one_line(error));
+    ExitCode::from(EXIT_CLIENT_FAILED)
+}
+
+/// An error with its source chain on one line (repeated messages skipped).
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let message = error.to_string();
+        if !line.contains(&message) {
+            line.push_str(": ");
+            line.push_str(&message);
+        }
+        cause = error.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs_need_a_name_and_an_equals_sign() {
+        assert_eq!(
+            parse_env_pair("A=b=c"),
+            Ok(("A".to_owned(), "b=c".to_owned()))
+        );
+        assert!(parse_env_pair("=x").is_err());
+        assert!(parse_env_pair("novalue").is_err());
+    }
+}
