@@ -265,12 +265,23 @@ pub async fn build_with_clock(
         }
     };
     let output_bus: Arc<dyn OutputBus> = bus.clone();
-    let work: Arc<dyn WorkSignal> = bus;
 
-    let keys_repo: Arc<dyn ApiKeyRepository> =
-        Arc::new(CachedApiKeys::new(ports.keys, config.cache_ttl));
-    let projects_repo: Arc<dyn ProjectRepository> =
-        Arc::new(CachedProjects::new(ports.projects, config.cache_ttl));
+    // Revocations and other key or project changes reach every replica's cache at once.
+    let cached_keys = Arc::new(CachedApiKeys::new(
+        ports.keys,
+        config.cache_ttl,
+        bus.clone(),
+    ));
+    let cached_projects = Arc::new(CachedProjects::new(
+        ports.projects,
+        config.cache_ttl,
+        bus.clone(),
+    ));
+    bus.listen_for_changes(cached_keys.clone());
+    bus.listen_for_changes(cached_projects.clone());
+    let keys_repo: Arc<dyn ApiKeyRepository> = cached_keys;
+    let projects_repo: Arc<dyn ProjectRepository> = cached_projects;
+    let work: Arc<dyn WorkSignal> = bus;
 
     let keys = Arc::new(ApiKeyService::new(keys_repo, clock.clone()));
     let bootstrap_key = keys

@@ -23,8 +23,8 @@ pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
 pub use metrics::{CommandMetrics, HeapProfiler, OperatorMetrics};
 pub use output::{
-    BusEvent, OutputBus, OutputProgress, OutputStore, Received, Relay, RemoteHint, RemoteInbox,
-    Subscription, WorkSignal,
+    BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,
+    Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
 };
 pub use projects::ProjectRepository;
 pub use secrets::SharedSecrets;

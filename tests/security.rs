@@ -145,3 +145,41 @@ async fn invented_methods_and_paths_add_no_metric_series() {
     assert!(!metrics.contains("/no/such/path"), "{metrics}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_takes_effect_on_another_within_a_second() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    // A long cache TTL: only the change notice can explain a quick 401.
+    let mut config = support::test_config(&db);
+    config.cache_ttl = Duration::from_secs(600);
+    let revoking = TestServer::start_with(config.clone()).await;
+    let other = TestServer::start_with(config).await;
+    let (id, secret) = revoking
+        .create_key(json!({"name": "leaky", "scopes": ["read"]}))
+        .await;
+    assert_eq!(
+        other.get("/api/v1/me", &secret).await.status(),
+        200,
+        "now cached on the other"
+    );
+
+    revoking
+        .delete(&format!("/api/v1/api-keys/{id}"), ADMIN_KEY)
+        .await;
+    let revoked_at = std::time::Instant::now();
+    loop {
+        let status = other.get("/api/v1/me", &secret).await.status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still {status} on the other replica after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    revoking.stop().await;
+    other.stop().await;
+}

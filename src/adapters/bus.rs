@@ -12,7 +12,8 @@ use tokio::sync::{Notify, broadcast};
 use crate::domain::command::CommandStatus;
 use crate::domain::ids::CommandId;
 use crate::ports::{
-    BusEvent, OutputBus, Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
+    BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, Received, Relay, RemoteHint,
+    RemoteInbox, Subscription, WorkSignal,
 };
 
 /// Events one command's ring holds; a follower further behind than this reads the store.
@@ -34,6 +35,7 @@ pub struct InProcessBus {
     work: Notify,
     relay: Option<Arc<dyn Relay>>,
     unsent: Mutex<UnsentHints>,
+    change_listeners: Mutex<Vec<Arc<dyn ChangeListener>>>,
 }
 
 /// Hints waiting for the next flush, coalesced: the highest stored sequence per command, the
@@ -44,6 +46,7 @@ struct UnsentHints {
     status: HashMap<CommandId, CommandStatus>,
     cancel: Vec<CommandId>,
     work: bool,
+    changed: std::collections::HashSet<Changed>,
 }
 
 impl UnsentHints {
@@ -66,6 +69,7 @@ impl UnsentHints {
         if std::mem::take(&mut self.work) {
             hints.push(RemoteHint::Work);
         }
+        hints.extend(self.changed.drain().map(RemoteHint::Changed));
         hints
     }
 }
@@ -90,6 +94,7 @@ impl InProcessBus {
             work: Notify::new(),
             relay,
             unsent: Mutex::new(UnsentHints::default()),
+            change_listeners: Mutex::new(Vec::new()),
         }
     }
 
@@ -114,6 +119,14 @@ impl InProcessBus {
         if self.relay.is_some() {
             add(&mut self.unsent.lock().expect("bus lock is never poisoned"));
         }
+    }
+
+    /// `listener` hears of keys and projects changed on other replicas.
+    pub fn listen_for_changes(&self, listener: Arc<dyn ChangeListener>) {
+        self.change_listeners
+            .lock()
+            .expect("bus lock is never poisoned")
+            .push(listener);
     }
 
     /// Open rings (commands being followed on this replica).
@@ -191,6 +204,14 @@ impl WorkSignal for InProcessBus {
     }
 }
 
+impl ChangeNotices for InProcessBus {
+    fn announce_change(&self, change: Changed) {
+        self.relay(|unsent| {
+            unsent.changed.insert(change);
+        });
+    }
+}
+
 impl RemoteInbox for InProcessBus {
     fn deliver(&self, hint: RemoteHint) {
         match hint {
@@ -204,6 +225,14 @@ impl RemoteInbox for InProcessBus {
                 self.deliver_locally(command, BusEvent::CancelRequested)
             }
             RemoteHint::Work => self.work.notify_one(),
+            RemoteHint::Changed(change) => {
+                let listeners = self
+                    .change_listeners
+                    .lock()
+                    .expect("bus lock is never poisoned")
+                    .clone();
+                listeners.iter().for_each(|l| l.changed(change));
+            }
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Read-through caches in front of the key and project repositories (TTL = `CACHE_TTL`). Writes
-//! through a wrapper invalidate its entry at once; other replicas see a change within the TTL.
+//! Read-through caches in front of the key and project repositories (TTL = `CACHE_TTL`). A write
+//! through a wrapper drops its entry at once and tells the other replicas (a [`ChangeNotices`]
+//! hint), whose caches drop theirs when it arrives ([`ChangeListener`]); the TTL bounds
+//! staleness only when hints are lost (the bus down).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use crate::domain::api_key::ApiKey;
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::{ApiKeyId, ProjectId};
 use crate::domain::project::Project;
-use crate::ports::{ApiKeyRepository, PortError, ProjectRepository};
+use crate::ports::{
+    ApiKeyRepository, ChangeListener, ChangeNotices, Changed, PortError, ProjectRepository,
+};
 
 const MAX_ENTRIES: u64 = 10_000;
 
@@ -20,31 +24,49 @@ pub struct CachedApiKeys {
     inner: Arc<dyn ApiKeyRepository>,
     /// By prefix; `None` remembers that no key has it.
     by_prefix: Cache<String, Option<ApiKey>>,
+    notices: Arc<dyn ChangeNotices>,
 }
 
 impl CachedApiKeys {
-    pub fn new(inner: Arc<dyn ApiKeyRepository>, ttl: Duration) -> Self {
+    pub fn new(
+        inner: Arc<dyn ApiKeyRepository>,
+        ttl: Duration,
+        notices: Arc<dyn ChangeNotices>,
+    ) -> Self {
         Self {
             inner,
             by_prefix: Cache::builder()
                 .max_capacity(MAX_ENTRIES)
                 .time_to_live(ttl)
                 .build(),
+            notices,
         }
     }
 
     async fn forget(&self, key: &ApiKey) {
-        // After a rotation the old prefix must stop working too, so drop every entry of this key.
-        let id = key.id;
         self.by_prefix.invalidate(&key.prefix).await;
-        let stale: Vec<_> = self
-            .by_prefix
-            .iter()
-            .filter(|(_, cached)| cached.as_ref().is_some_and(|k| k.id == id))
-            .map(|(prefix, _)| prefix)
-            .collect();
-        for prefix in stale {
-            self.by_prefix.invalidate(prefix.as_str()).await;
+        forget_key(&self.by_prefix, key.id).await;
+        self.notices.announce_change(Changed::ApiKey(key.id));
+    }
+}
+
+/// Drops every entry of key `id`: after a rotation the old prefix must stop working too.
+async fn forget_key(by_prefix: &Cache<String, Option<ApiKey>>, id: ApiKeyId) {
+    let stale: Vec<_> = by_prefix
+        .iter()
+        .filter(|(_, cached)| cached.as_ref().is_some_and(|k| k.id == id))
+        .map(|(prefix, _)| prefix)
+        .collect();
+    for prefix in stale {
+        by_prefix.invalidate(prefix.as_str()).await;
+    }
+}
+
+impl ChangeListener for CachedApiKeys {
+    fn changed(&self, change: Changed) {
+        if let Changed::ApiKey(id) = change {
+            let by_prefix = self.by_prefix.clone();
+            tokio::spawn(async move { forget_key(&by_prefix, id).await });
         }
     }
 }
@@ -94,16 +116,36 @@ impl ApiKeyRepository for CachedApiKeys {
 pub struct CachedProjects {
     inner: Arc<dyn ProjectRepository>,
     by_id: Cache<ProjectId, Project>,
+    notices: Arc<dyn ChangeNotices>,
 }
 
 impl CachedProjects {
-    pub fn new(inner: Arc<dyn ProjectRepository>, ttl: Duration) -> Self {
+    pub fn new(
+        inner: Arc<dyn ProjectRepository>,
+        ttl: Duration,
+        notices: Arc<dyn ChangeNotices>,
+    ) -> Self {
         Self {
             inner,
             by_id: Cache::builder()
                 .max_capacity(MAX_ENTRIES)
                 .time_to_live(ttl)
                 .build(),
+            notices,
+        }
+    }
+
+    async fn forget(&self, id: ProjectId) {
+        self.by_id.invalidate(&id).await;
+        self.notices.announce_change(Changed::Project(id));
+    }
+}
+
+impl ChangeListener for CachedProjects {
+    fn changed(&self, change: Changed) {
+        if let Changed::Project(id) = change {
+            let by_id = self.by_id.clone();
+            tokio::spawn(async move { by_id.invalidate(&id).await });
         }
     }
 }
@@ -116,13 +158,13 @@ impl ProjectRepository for CachedProjects {
 
     async fn update(&self, project: &Project, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.update(project, audit).await?;
-        self.by_id.invalidate(&project.id).await;
+        self.forget(project.id).await;
         Ok(())
     }
 
     async fn delete(&self, id: ProjectId, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.delete(id, audit).await?;
-        self.by_id.invalidate(&id).await;
+        self.forget(id).await;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::PortError;
 use crate::domain::command::{CommandStatus, OutputChunk};
-use crate::domain::ids::CommandId;
+use crate::domain::ids::{ApiKeyId, CommandId, ProjectId};
 
 /// Running totals written with each batch, so a reader of the command sees them move.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,6 +101,26 @@ pub enum RemoteHint {
         command: CommandId,
     },
     Work,
+    /// A stored key or project changed: drop what is cached of it.
+    Changed(Changed),
+}
+
+/// Something cached elsewhere that a write made stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Changed {
+    ApiKey(ApiKeyId),
+    Project(ProjectId),
+}
+
+/// Tells every replica that a key or project changed, so revocations and scope, allowlist or
+/// project changes take effect everywhere at once (best effort; the cache TTL bounds the rest).
+pub trait ChangeNotices: Send + Sync {
+    fn announce_change(&self, change: Changed);
+}
+
+/// Hears about changes made on other replicas.
+pub trait ChangeListener: Send + Sync {
+    fn changed(&self, change: Changed);
 }
 
 /// Sends hints to the other replicas.

@@ -108,6 +108,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
             projects: Arc::new(CachedProjects::new(
                 Arc::new(store.projects()),
                 Duration::from_secs(30),
+                bus.clone(),
             )),
             output: Arc::new(store.output_store()),
             bus: bus.clone(),

@@ -11,8 +11,8 @@ use sqlx::postgres::{PgListener, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::command::CommandStatus;
-use crate::domain::ids::CommandId;
-use crate::ports::{Relay, RemoteHint, RemoteInbox};
+use crate::domain::ids::{ApiKeyId, CommandId, ProjectId};
+use crate::ports::{Changed, Relay, RemoteHint, RemoteInbox};
 
 const CHANNEL: &str = "rdev_events";
 const HINTS_PER_NOTIFY: usize = 60;
@@ -123,6 +123,10 @@ enum WireHint {
     Cancel { c: CommandId },
     #[serde(rename = "w")]
     Work,
+    #[serde(rename = "k")]
+    KeyChanged { i: ApiKeyId },
+    #[serde(rename = "p")]
+    ProjectChanged { i: ProjectId },
 }
 
 impl From<&RemoteHint> for WireHint {
@@ -138,6 +142,8 @@ impl From<&RemoteHint> for WireHint {
             },
             RemoteHint::Cancel { command } => WireHint::Cancel { c: command },
             RemoteHint::Work => WireHint::Work,
+            RemoteHint::Changed(Changed::ApiKey(i)) => WireHint::KeyChanged { i },
+            RemoteHint::Changed(Changed::Project(i)) => WireHint::ProjectChanged { i },
         }
     }
 }
@@ -155,6 +161,8 @@ impl WireHint {
             },
             WireHint::Cancel { c } => RemoteHint::Cancel { command: c },
             WireHint::Work => RemoteHint::Work,
+            WireHint::KeyChanged { i } => RemoteHint::Changed(Changed::ApiKey(i)),
+            WireHint::ProjectChanged { i } => RemoteHint::Changed(Changed::Project(i)),
         }
     }
 }
