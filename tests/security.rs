@@ -183,3 +183,62 @@ async fn a_revocation_on_one_replica_takes_effect_on_another_within_a_second() {
     revoking.stop().await;
     other.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_headers_and_limited_admins_are_refused() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+
+    // Two credentials at once: ambiguous, so refused.
+    let both = server
+        .client
+        .get(server.url("/api/v1/me"))
+        .bearer_auth(ADMIN_KEY)
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.status(), 400);
+
+    // A request id that could forge log lines is replaced; a plain one is kept.
+    let request_id = |id: &'static str| {
+        let request = server
+            .client
+            .get(server.url("/health"))
+            .header("x-request-id", id);
+        async move { request.send().await.unwrap().headers()["x-request-id"].clone() }
+    };
+    assert_eq!(request_id("trace-42.a_b").await, "trace-42.a_b");
+    let forged = request_id("x\" level=\"ERROR").await;
+    assert_ne!(forged, "x\" level=\"ERROR");
+    assert_eq!(forged.len(), 36, "a fresh UUID: {forged:?}");
+
+    // Over loopback but relayed: not a local operator, so the heap profile wants a key.
+    for header in ["forwarded", "x-real-ip", "x-forwarded-host"] {
+        let relayed = server
+            .client
+            .get(server.url("/debug/pprof/heap"))
+            .header(header, "for=203.0.113.9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(relayed.status(), 401, "{header}");
+    }
+
+    // An admin key limited to one project cannot widen its reach with a new project.
+    let project = server.create_project("mine", json!({})).await;
+    let (_, limited) = server
+        .create_key(json!({"name": "limited admin", "scopes": ["admin"], "project_ids": [project]}))
+        .await;
+    let created = server
+        .post(
+            "/api/v1/projects",
+            &limited,
+            json!({"name": "another", "workdir": "/tmp"}),
+        )
+        .await;
+    assert_eq!(created.status(), 403);
+    server.stop().await;
+}

@@ -143,6 +143,7 @@ pub fn router(state: AppState) -> Router {
     .layer(middleware::from_fn(problem::normalize_errors))
     .layer(
         ServiceBuilder::new()
+            .layer(middleware::map_request(drop_unacceptable_request_id))
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(TraceLayer::new_for_http())
             .layer(PropagateRequestIdLayer::new(request_id))
@@ -152,6 +153,19 @@ pub fn router(state: AppState) -> Router {
             })),
     )
     .with_state(state)
+}
+
+/// A client's `X-Request-Id` goes into logs and audit rows: one that is too long or holds other
+/// than `[A-Za-z0-9._-]` is dropped here, and a fresh one is made for the request.
+async fn drop_unacceptable_request_id(mut request: Request) -> Request {
+    let acceptable = request
+        .headers()
+        .get("x-request-id")
+        .map(|id| id.to_str().is_ok_and(extract::acceptable_request_id));
+    if acceptable == Some(false) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }
 
 /// The `method` label: one of the standard methods, else `other`, so a client inventing

@@ -12,7 +12,9 @@ pub enum ServiceError {
     Unauthenticated(KeyRejection),
     #[error("this API key lacks the `{0}` scope")]
     MissingScope(Scope),
-    #[error("a key limited to some projects cannot manage API keys or read the audit log")]
+    #[error(
+        "a key limited to some projects cannot manage API keys, create projects or read the audit log"
+    )]
     LimitedKey,
     #[error("{0} not found")]
     NotFound(&'static str),

@@ -64,7 +64,8 @@ impl ProjectService {
     }
 
     pub async fn create(&self, caller: &Caller, new: NewProject) -> Result<Project, ServiceError> {
-        caller.require(Scope::Admin)?;
+        // A key limited to some projects could otherwise widen its own reach.
+        caller.require_unrestricted_admin()?;
         let now = self.clock.now();
         let project = Project {
             id: ProjectId::new(),

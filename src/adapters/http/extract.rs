@@ -195,6 +195,27 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
+/// Headers that name another origin than the socket peer: a request carrying any of them was
+/// relayed, so it is not "made on this host" even over loopback.
+const FORWARDING_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// The longest `X-Request-Id` taken from a client; longer or odd ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// True for a client-chosen request id fit for logs and audit rows.
+pub fn acceptable_request_id(id: &str) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// What a request presents about itself before it is authenticated.
 pub struct Credentials {
     pub presented: Option<String>,
@@ -207,8 +228,21 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads the request parts; `peer` is the socket peer when the server recorded one.
-    fn read(parts: &Parts, peer: Option<IpAddr>, resolver: &ClientIpResolver) -> Self {
+    /// Reads the request parts; `peer` is the socket peer when the server recorded one. Both
+    /// `Authorization` and `X-API-Key` at once is ambiguous, and refused.
+    fn read(
+        parts: &Parts,
+        peer: Option<IpAddr>,
+        resolver: &ClientIpResolver,
+    ) -> Result<Self, ApiError> {
+        if parts.headers.contains_key(header::AUTHORIZATION)
+            && parts.headers.contains_key("x-api-key")
+        {
+            return Err(ApiError::BadParameter {
+                what: "credentials",
+                detail: "send either Authorization or X-API-Key, not both".into(),
+            });
+        }
         // An unknown peer matches no allowlist entry but "any", like a garbled forwarded hop.
         let client_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |peer| {
             resolver.resolve(peer, &parts.headers)
@@ -232,8 +266,10 @@ impl Credentials {
             .and_then(|tp| tp.split('-').nth(1).map(str::to_owned))
             .filter(|id| id.len() == 32);
         let local = peer.is_some_and(|peer| peer.to_canonical().is_loopback())
-            && !parts.headers.contains_key("x-forwarded-for");
-        Credentials {
+            && !FORWARDING_HEADERS
+                .iter()
+                .any(|name| parts.headers.contains_key(*name));
+        Ok(Credentials {
             presented,
             client_ip,
             local,
@@ -243,7 +279,7 @@ impl Credentials {
                 request_id: header_text("x-request-id"),
                 trace_id,
             },
-        }
+        })
     }
 
     /// The caller these credentials name, by API key.
@@ -263,7 +299,7 @@ impl FromRequestParts<AppState> for Credentials {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.ip());
-        Ok(Credentials::read(parts, peer, &state.client_ip))
+        Credentials::read(parts, peer, &state.client_ip)
     }
 }
 
@@ -443,20 +479,50 @@ mod tests {
     #[test]
     fn only_a_known_loopback_peer_without_forwarding_is_local() {
         let resolver = ClientIpResolver::default();
+        let local = |headers: &[(&str, &str)], peer| {
+            Credentials::read(&parts(headers), peer, &resolver)
+                .unwrap()
+                .local
+        };
         let loopback = Some(IpAddr::from([127, 0, 0, 1]));
-        assert!(Credentials::read(&parts(&[]), loopback, &resolver).local);
-        let v6_loopback = Some("::1".parse().unwrap());
-        assert!(Credentials::read(&parts(&[]), v6_loopback, &resolver).local);
-        let forwarded = parts(&[("x-forwarded-for", "1.2.3.4")]);
-        assert!(!Credentials::read(&forwarded, loopback, &resolver).local);
-        let remote = Some(IpAddr::from([10, 1, 2, 3]));
-        assert!(!Credentials::read(&parts(&[]), remote, &resolver).local);
+        assert!(local(&[], loopback));
+        assert!(local(&[], Some("::1".parse().unwrap())));
+        for forwarding in FORWARDING_HEADERS {
+            assert!(!local(&[(forwarding, "1.2.3.4")], loopback), "{forwarding}");
+        }
+        assert!(!local(&[], Some(IpAddr::from([10, 1, 2, 3]))));
+    }
+
+    #[test]
+    fn both_key_headers_at_once_are_refused() {
+        let both = parts(&[
+            ("authorization", "Bearer rdev_a_b"),
+            ("x-api-key", "rdev_c_d"),
+        ]);
+        let read = Credentials::read(&both, None, &ClientIpResolver::default());
+        assert!(matches!(
+            read,
+            Err(ApiError::BadParameter {
+                what: "credentials",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn only_short_plain_request_ids_are_taken_from_clients() {
+        assert!(acceptable_request_id("req-1.2_3"));
+        assert!(acceptable_request_id(&"a".repeat(128)));
+        assert!(!acceptable_request_id(&"a".repeat(129)));
+        assert!(!acceptable_request_id(""));
+        assert!(!acceptable_request_id("a b"));
+        assert!(!acceptable_request_id("x\nfake log line"));
     }
 
     #[test]
     fn an_unknown_peer_is_not_local_and_matches_no_allowlist() {
         let resolver = ClientIpResolver::default();
-        let credentials = Credentials::read(&parts(&[]), None, &resolver);
+        let credentials = Credentials::read(&parts(&[]), None, &resolver).unwrap();
         assert!(!credentials.local);
         assert_eq!(credentials.client_ip, IpAddr::from([0, 0, 0, 0]));
     }
