@@ -15,13 +15,15 @@ use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::local::{LocalExecutor, RunAs};
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
+use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
 use crate::config::{Config, Secret};
+use crate::domain::audit::AuditKey;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
-    ApiKeyRepository, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore, OutputBus,
-    OutputStore, ProjectRepository, SharedSecrets, WorkSignal,
+    ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
+    OutputBus, OutputStore, ProjectRepository, SharedSecrets, WorkSignal,
 };
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
@@ -40,7 +42,9 @@ const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot open the database (DATABASE_URL)")]
-    Database(#[source] sqlx::Error),
+    Database(#[source] StoreError),
+    #[error("cannot read or create the audit key file beside the database (RDEV_AUDIT_KEY)")]
+    AuditKey(#[source] std::io::Error),
     #[error("cannot read or store the shared stream token secret")]
     SharedSecret(#[source] crate::ports::PortError),
     #[error("cannot run local commands as the configured user")]
@@ -73,15 +77,37 @@ struct Ports {
 }
 
 impl Storage {
-    async fn open(config: &Config) -> Result<Self, StartupError> {
+    async fn open(config: &Config, heads: Arc<dyn AuditHeads>) -> Result<Self, StartupError> {
         let url = config.database_url.expose();
+        let configured = config
+            .audit_key
+            .as_ref()
+            .map(|k| k.expose().as_bytes().to_vec());
         if url.starts_with("postgres") {
-            let db = PgDatabase::connect(url, config.db_max_connections)
+            let key = configured.unwrap_or_else(|| {
+                tracing::warn!(
+                    "RDEV_AUDIT_KEY is not set: the audit chain is not keyed, so a database writer could re-forge it"
+                );
+                Vec::new()
+            });
+            let sealing = Arc::new(Sealing {
+                key: AuditKey::new(key),
+                heads,
+            });
+            let db = PgDatabase::connect(url, config.db_max_connections, sealing)
                 .await
                 .map_err(StartupError::Database)?;
             Ok(Storage::Postgres(db))
         } else {
-            let db = SqliteDatabase::connect(url)
+            let key = match configured {
+                Some(key) => key,
+                None => SqliteDatabase::key_file_beside(url).map_err(StartupError::AuditKey)?,
+            };
+            let sealing = Arc::new(Sealing {
+                key: AuditKey::new(key),
+                heads,
+            });
+            let db = SqliteDatabase::connect(url, sealing)
                 .await
                 .map_err(StartupError::Database)?;
             Ok(Storage::Sqlite(db))
@@ -244,9 +270,9 @@ pub async fn build_with_clock(
 ) -> Result<App, StartupError> {
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
-    let storage = Storage::open(&config).await?;
-    let ports = storage.ports(&clock);
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
+    let storage = Storage::open(&config, metrics.clone()).await?;
+    let ports = storage.ports(&clock);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let replica = replica_name();
 
@@ -443,7 +469,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
 /// Opens the database (applying its migrations) and closes it again: `rdev-api migrate`.
 pub async fn migrate(database_url: &Secret) -> Result<(), StartupError> {
-    let storage = Storage::open(&Config::with_database(database_url.expose())).await?;
+    let config = Config::with_database(database_url.expose());
+    let storage = Storage::open(&config, operator_heads()?).await?;
     storage.close().await;
     Ok(())
 }
@@ -461,8 +488,14 @@ impl KeyAdmin {
     }
 }
 
+/// Operator commands publish the audit head to their log only.
+fn operator_heads() -> Result<Arc<dyn AuditHeads>, StartupError> {
+    Ok(Arc::new(Metrics::new().map_err(StartupError::Metrics)?))
+}
+
 pub async fn key_admin(database_url: &Secret) -> Result<KeyAdmin, StartupError> {
-    let storage = Storage::open(&Config::with_database(database_url.expose())).await?;
+    let config = Config::with_database(database_url.expose());
+    let storage = Storage::open(&config, operator_heads()?).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let keys = ApiKeyService::new(storage.ports(&clock).keys, clock);
     Ok(KeyAdmin { keys, storage })

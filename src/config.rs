@@ -150,6 +150,17 @@ pub struct Config {
     #[arg(long, env = "RDEV_EXECUTOR", value_name = "RDEV_EXECUTOR", default_value = "local", value_parser = parse_executor)]
     pub executor: ExecutorKind,
 
+    /// Key of the audit chain (HMAC). Keep it out of the database: whoever can write the
+    /// database but lacks the key cannot re-forge the chain. Unset with SQLite: generated once
+    /// into `<database>.audit-key` (0600); unset with Postgres: the chain is unkeyed (a warning).
+    #[arg(
+        long,
+        env = "RDEV_AUDIT_KEY",
+        value_name = "RDEV_AUDIT_KEY",
+        hide_env_values = true
+    )]
+    pub audit_key: Option<Secret>,
+
     /// Run local commands as this unprivileged user (uid, gid, no supplementary groups), so
     /// they cannot read the database file or the server's environment. Needs a root server.
     #[arg(long, env = "RDEV_LOCAL_RUN_AS", value_name = "RDEV_LOCAL_RUN_AS")]

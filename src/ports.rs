@@ -13,7 +13,7 @@ pub mod projects;
 pub mod secrets;
 
 pub use api_keys::ApiKeyRepository;
-pub use audit::{AuditFilter, AuditLog};
+pub use audit::{AuditFilter, AuditHeads, AuditLog};
 pub use clock::Clock;
 pub use commands::{
     Claim, CommandFilter, CommandQueue, CommandStore, Finished, IdempotencyKey, ProjectLoad,

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdev_api::adapters::postgres::PgDatabase;
+use rdev_api::adapters::sql::Sealing;
 use rdev_api::adapters::sqlite::SqliteDatabase;
-use rdev_api::domain::audit::{AuditContext, NewAuditEvent, action};
+use rdev_api::domain::audit::{
+    AuditContext, AuditHead, AuditKey, ExpectedHead, NewAuditEvent, action,
+};
 use rdev_api::domain::command::{
     Command, CommandLine, CommandOutcome, CommandStatus, OutputChunk, OutputStream, Priority,
     TerminationReason,
@@ -18,10 +21,38 @@ use rdev_api::domain::ids::{ApiKeyId, CommandId, ProjectId};
 use rdev_api::domain::project::{EnvVars, ExecutorKind, Project, ProjectName, Workdir};
 use rdev_api::ports::clock::ManualClock;
 use rdev_api::ports::{
-    AuditFilter, AuditLog, Clock, CommandQueue, CommandStore, Finished, IdempotencyKey,
+    AuditFilter, AuditHeads, AuditLog, Clock, CommandQueue, CommandStore, Finished, IdempotencyKey,
     OutputProgress, OutputStore, PortError, ProjectRepository, Submission, SubmitOutcome,
 };
 use support::{Backend, TestDb};
+
+/// Keeps every head the stores publish.
+#[derive(Default)]
+struct Heads(std::sync::Mutex<Vec<AuditHead>>);
+
+impl AuditHeads for Heads {
+    fn published(&self, head: AuditHead) {
+        self.0.lock().unwrap().push(head);
+    }
+}
+
+impl Heads {
+    fn last(&self) -> AuditHead {
+        self.0
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a head was published")
+    }
+}
+
+fn sealing(heads: Arc<Heads>) -> Arc<Sealing> {
+    Arc::new(Sealing {
+        key: AuditKey::new(b"contract test key".to_vec()),
+        heads,
+    })
+}
 
 /// The storage ports of one backend, as the services see them.
 struct Stores {
@@ -31,7 +62,9 @@ struct Stores {
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
     clock: Arc<ManualClock>,
-    _db: TestDb,
+    heads: Arc<Heads>,
+    backend: Backend,
+    db: TestDb,
 }
 
 impl Stores {
@@ -39,9 +72,12 @@ impl Stores {
         let db = TestDb::new(backend).await?;
         let clock = Arc::new(ManualClock::default());
         let as_clock: Arc<dyn Clock> = clock.clone();
+        let heads = Arc::new(Heads::default());
         let stores = match backend {
             Backend::Sqlite => {
-                let sqlite = SqliteDatabase::connect(&db.url).await.unwrap();
+                let sqlite = SqliteDatabase::connect(&db.url, sealing(heads.clone()))
+                    .await
+                    .unwrap();
                 Stores {
                     projects: Arc::new(sqlite.projects()),
                     audit: Arc::new(sqlite.audit_log()),
@@ -49,11 +85,15 @@ impl Stores {
                     queue: Arc::new(sqlite.command_queue(as_clock)),
                     output: Arc::new(sqlite.output_store()),
                     clock,
-                    _db: db,
+                    heads,
+                    backend,
+                    db,
                 }
             }
             Backend::Postgres => {
-                let pg = PgDatabase::connect(&db.url, 4).await.unwrap();
+                let pg = PgDatabase::connect(&db.url, 4, sealing(heads.clone()))
+                    .await
+                    .unwrap();
                 Stores {
                     projects: Arc::new(pg.projects()),
                     audit: Arc::new(pg.audit_log()),
@@ -61,11 +101,32 @@ impl Stores {
                     queue: Arc::new(pg.command_queue()),
                     output: Arc::new(pg.output_store()),
                     clock,
-                    _db: db,
+                    heads,
+                    backend,
+                    db,
                 }
             }
         };
         Some(stores)
+    }
+
+    /// The audit log as a server starting anew on the same database sees it.
+    async fn reopened_audit_log(&self) -> Arc<dyn AuditLog> {
+        let heads = Arc::new(Heads::default());
+        match self.backend {
+            Backend::Sqlite => Arc::new(
+                SqliteDatabase::connect(&self.db.url, sealing(heads))
+                    .await
+                    .unwrap()
+                    .audit_log(),
+            ),
+            Backend::Postgres => Arc::new(
+                PgDatabase::connect(&self.db.url, 2, sealing(heads))
+                    .await
+                    .unwrap()
+                    .audit_log(),
+            ),
+        }
     }
 
     fn event(&self, action: &'static str, target: String) -> NewAuditEvent {
@@ -236,6 +297,7 @@ contract!(
     cancel_ends_a_queued_command_and_refuses_an_ended_one,
     a_project_with_active_commands_cannot_be_deleted,
     the_audit_chain_covers_every_write_and_pages_newest_first,
+    a_chain_from_before_the_key_is_moved_onto_it_once,
 );
 
 async fn claims_take_the_best_priority_across_projects(s: Stores) {
@@ -483,8 +545,11 @@ async fn the_audit_chain_covers_every_write_and_pages_newest_first(s: Stores) {
     let id = s.submit(p, Priority::Normal, "c").await;
     s.claim("r1", LONG, 1).await;
     s.queue.finish("r1", &[s.finished(id, 0)]).await.unwrap();
-    let report = s.audit.verify().await.unwrap();
+    let report = s.audit.verify(None).await.unwrap();
     assert_eq!((report.checked, report.first_broken), (3, None));
+    let head = s.heads.last();
+    assert_eq!(head.seq, 3, "each commit publishes the head");
+
     let page = s
         .audit
         .list(&AuditFilter {
@@ -510,4 +575,53 @@ async fn the_audit_chain_covers_every_write_and_pages_newest_first(s: Stores) {
     assert_eq!(older.items.len(), 1);
     assert_eq!(older.items[0].action, action::PROJECT_CREATED);
     assert_eq!(older.next_cursor, None);
+    // A database writer deletes the newest row: the rest still chains, the head does not.
+    s.db.execute("DELETE FROM audit_log WHERE seq = 3").await;
+    assert_eq!(s.audit.verify(None).await.unwrap().first_broken, None);
+    let published = ExpectedHead {
+        seq: head.seq,
+        hash: Some(head.hash),
+    };
+    let truncated = s.audit.verify(Some(published)).await.unwrap();
+    assert_eq!(truncated.first_broken.unwrap().seq, 3);
+}
+
+async fn a_chain_from_before_the_key_is_moved_onto_it_once(s: Stores) {
+    let p = s.project("p", 1).await;
+    s.submit(p, Priority::Normal, "c").await;
+    // Turn the chain into one written before keys existed: unkeyed hashes, no marker.
+    let mut rows = s
+        .audit
+        .list(&AuditFilter {
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    rows.reverse();
+    let mut prev = "0".repeat(64);
+    for row in &mut rows {
+        row.prev_hash = prev.clone();
+        row.hash = row.legacy_hash();
+        prev = row.hash.clone();
+        s.db.execute(&format!(
+            "UPDATE audit_log SET prev_hash = '{}', hash = '{}' WHERE seq = {}",
+            row.prev_hash, row.hash, row.seq
+        ))
+        .await;
+    }
+    s.db.execute("DELETE FROM shared_secrets WHERE name = 'audit_chain_keyed'")
+        .await;
+    assert!(
+        s.audit.verify(None).await.unwrap().first_broken.is_some(),
+        "unkeyed rows do not pass as keyed"
+    );
+
+    let audit = s.reopened_audit_log().await;
+    let report = audit.verify(None).await.unwrap();
+    assert_eq!((report.checked, report.first_broken), (2, None));
+    // Once moved, a reopened server does not touch the chain again.
+    let again = s.reopened_audit_log().await;
+    assert_eq!(again.verify(None).await.unwrap().first_broken, None);
 }

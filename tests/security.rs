@@ -242,3 +242,57 @@ async fn hostile_headers_and_limited_admins_are_refused() {
     assert_eq!(created.status(), 403);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_audit_tail_fails_verification_against_the_published_head() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    server.create_project("audited", json!({})).await;
+    server.create_project("audited-too", json!({})).await;
+    let metrics = server.metrics().await;
+    let head_seq: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rdev_audit_head_seq "))
+        .expect("the head gauge is exported")
+        .parse()
+        .unwrap();
+    let newest: serde_json::Value = server
+        .get("/api/v1/audit?limit=1", ADMIN_KEY)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(newest["items"][0]["seq"], head_seq);
+    let key_file = format!("{}.audit-key", db.url.trim_start_matches("sqlite://"));
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the audit key stays beside the database, owner only"
+    );
+
+    db.execute(&format!("DELETE FROM audit_log WHERE seq = {head_seq}"))
+        .await;
+    let verify = |query: String| {
+        let server = &server;
+        async move {
+            server
+                .get(&format!("/api/v1/audit/verify{query}"), ADMIN_KEY)
+                .await
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        verify(String::new()).await["ok"],
+        true,
+        "alone, a cut chain still chains"
+    );
+    let against_head = verify(format!("?head_seq={head_seq}")).await;
+    assert_eq!(against_head["ok"], false, "{against_head}");
+    assert_eq!(against_head["first_broken_seq"], head_seq);
+    server.stop().await;
+}

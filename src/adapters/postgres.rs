@@ -27,25 +27,34 @@ pub use projects::PgProjectRepository;
 pub use queue::PgCommandQueue;
 pub use secrets::PgSharedSecrets;
 
+use crate::adapters::sql::{Sealing, StoreError};
 use crate::ports::Clock;
 
 /// The connection pool, migrated.
 #[derive(Clone)]
 pub struct PgDatabase {
     pool: PgPool,
+    sealing: Arc<Sealing>,
 }
 
 impl PgDatabase {
     /// Connects and applies the migrations (sqlx takes an advisory lock, so replicas starting
     /// together migrate once).
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        sealing: Arc<Sealing>,
+    ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        let mut tx = pool.begin().await?;
+        audit::seal_with_key(&mut tx, &sealing.key).await?;
+        tx.commit().await?;
+        Ok(Self { pool, sealing })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -53,23 +62,23 @@ impl PgDatabase {
     }
 
     pub fn api_keys(&self) -> PgApiKeyRepository {
-        PgApiKeyRepository::new(self.pool.clone())
+        PgApiKeyRepository::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn projects(&self) -> PgProjectRepository {
-        PgProjectRepository::new(self.pool.clone())
+        PgProjectRepository::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn audit_log(&self) -> PgAuditLog {
-        PgAuditLog::new(self.pool.clone())
+        PgAuditLog::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn command_store(&self, clock: Arc<dyn Clock>) -> PgCommandStore {
-        PgCommandStore::new(self.pool.clone(), clock)
+        PgCommandStore::new(self.pool.clone(), clock, self.sealing.clone())
     }
 
     pub fn command_queue(&self) -> PgCommandQueue {
-        PgCommandQueue::new(self.pool.clone())
+        PgCommandQueue::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn output_store(&self) -> PgOutputStore {

@@ -4,6 +4,7 @@
 //! units (`adapters/sqlite/*.rs`, `adapters/postgres/*.rs`), with its own locking and clock.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -11,7 +12,8 @@ use uuid::Uuid;
 
 use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, Scopes, SecretHash};
 use crate::domain::audit::{
-    AuditContext, AuditEvent, ChainReport, ChainVerifier, GENESIS_HASH, NewAuditEvent, action,
+    AuditContext, AuditEvent, AuditHead, AuditKey, ChainReport, ChainVerifier, GENESIS_HASH,
+    NewAuditEvent, action,
 };
 use crate::domain::command::{
     Command, CommandLine, CommandStatus, OutputChunk, OutputStream, Priority, TerminationReason,
@@ -21,7 +23,7 @@ use crate::domain::project::{
     EnvVars, ExecutorKind, KubeLabelName, KubeTarget, LabelSelector, PodName, PodRef, Project,
     ProjectName, Workdir,
 };
-use crate::ports::{Page, PortError, ProjectLoad, QueueSummary};
+use crate::ports::{AuditHeads, Page, PortError, ProjectLoad, QueueSummary};
 
 pub const KEY_COLUMNS: &str = "id, name, prefix, secret_hash, scopes, project_ids, created_at, \
     created_by, expires_at, revoked_at, last_used_at";
@@ -430,14 +432,55 @@ where
     insert
 }
 
+/// How the audit chain is sealed, and where its head is published after each commit.
+pub struct Sealing {
+    pub key: AuditKey,
+    pub heads: Arc<dyn AuditHeads>,
+}
+
+impl Sealing {
+    /// Commits a transaction that appended to the chain, then publishes the new head.
+    pub async fn commit<DB: sqlx::Database>(
+        &self,
+        tx: sqlx::Transaction<'_, DB>,
+        head: Option<AuditHead>,
+    ) -> Result<(), PortError> {
+        tx.commit().await.map_err(db)?;
+        if let Some(head) = head {
+            self.heads.published(head);
+        }
+        Ok(())
+    }
+}
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect or migrate")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot migrate the database")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot restrict the database file to its owner")]
+    Permissions(#[from] std::io::Error),
+    #[error("cannot move the audit chain onto its key")]
+    Audit(#[from] PortError),
+}
+
+/// The name of the marker, in `shared_secrets`, of a chain sealed with the key.
+pub const KEYED_CHAIN_MARKER: &str = "audit_chain_keyed";
+
 /// Seals `events` onto a chain whose last row is `last` (`None`: an empty log).
-pub fn seal_audits(last: Option<(i64, String)>, events: &[NewAuditEvent]) -> Vec<AuditEvent> {
+pub fn seal_audits(
+    last: Option<(i64, String)>,
+    events: &[NewAuditEvent],
+    key: &AuditKey,
+) -> Vec<AuditEvent> {
     let (mut seq, mut prev) =
         last.map_or((1, GENESIS_HASH.to_owned()), |(seq, hash)| (seq + 1, hash));
     events
         .iter()
         .map(|event| {
-            let sealed = event.seal(seq, &prev);
+            let sealed = event.seal(seq, &prev, key);
             seq += 1;
             prev.clone_from(&sealed.hash);
             sealed
@@ -530,14 +573,39 @@ pub const LOST_MESSAGE: &str = "the server running it stopped renewing its lease
 /// Audit rows read per round trip while verifying the chain.
 pub const VERIFY_PAGE: i64 = 1000;
 
-/// Walks the whole chain a page at a time; `fetch(after)` returns up to [`VERIFY_PAGE`] events
-/// with `seq > after`, in order.
-pub async fn verify_chain<F, Fut>(mut fetch: F) -> Result<ChainReport, PortError>
+/// Re-seals a chain written before the key existed, after checking its unkeyed hashes: every
+/// row gets its keyed `prev_hash` and `hash`. `None` when the old chain does not verify.
+pub fn reseal(events: &[AuditEvent], key: &AuditKey) -> Option<Vec<AuditEvent>> {
+    let mut legacy = ChainVerifier::legacy();
+    events.iter().for_each(|event| legacy.push(event));
+    if legacy.finish().first_broken.is_some() {
+        return None;
+    }
+    let mut prev = GENESIS_HASH.to_owned();
+    Some(
+        events
+            .iter()
+            .map(|event| {
+                let mut resealed = event.clone();
+                resealed.prev_hash = prev.clone();
+                resealed.hash = resealed.compute_hash(key);
+                prev.clone_from(&resealed.hash);
+                resealed
+            })
+            .collect(),
+    )
+}
+
+/// Walks the whole chain a page at a time with `verifier`; `fetch(after)` returns up to
+/// [`VERIFY_PAGE`] events with `seq > after`, in order.
+pub async fn verify_chain<F, Fut>(
+    mut verifier: ChainVerifier,
+    mut fetch: F,
+) -> Result<ChainReport, PortError>
 where
     F: FnMut(i64) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<AuditEvent>, PortError>>,
 {
-    let mut verifier = ChainVerifier::default();
     let mut after = 0_i64;
     loop {
         let events = fetch(after).await?;

@@ -30,7 +30,7 @@ pub use projects::SqliteProjectRepository;
 pub use queue::SqliteCommandQueue;
 pub use secrets::SqliteSharedSecrets;
 
-use super::sql::db;
+use super::sql::{Sealing, StoreError, db};
 use crate::ports::{Clock, PortError};
 
 /// The writer and reader pools, migrated.
@@ -38,11 +38,12 @@ use crate::ports::{Clock, PortError};
 pub struct SqliteDatabase {
     writer: SqlitePool,
     reader: SqlitePool,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteDatabase {
     /// Opens (creating if needed) the database at `url` and applies the migrations.
-    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+    pub async fn connect(url: &str, sealing: Arc<Sealing>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -56,12 +57,52 @@ impl SqliteDatabase {
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         owner_only(options.get_filename())?;
+        let mut tx = writer.begin().await?;
+        audit::seal_with_key(&mut tx, &sealing.key).await?;
+        tx.commit().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            sealing,
+        })
+    }
+
+    /// The audit key kept in a file beside the database (`<database>.audit-key`, mode 0600),
+    /// generated on first use: out of the database, so that a writer of the database file who
+    /// cannot read this one cannot re-forge the chain.
+    pub fn key_file_beside(url: &str) -> std::io::Result<Vec<u8>> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let options = SqliteConnectOptions::from_str(url).map_err(std::io::Error::other)?;
+        let mut path = options.get_filename().as_os_str().to_owned();
+        path.push(".audit-key");
+        match std::fs::read(&path) {
+            Ok(key) => return Ok(key),
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            Err(_) => {}
+        }
+        let key = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        let mut file = match created {
+            Ok(file) => file,
+            // Another process sharing this database created it first.
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                return std::fs::read(&path);
+            }
+            Err(error) => return Err(error),
+        };
+        file.write_all(&key)?;
+        file.sync_all()?;
+        Ok(key)
     }
 
     /// A write transaction on the one writer connection.
@@ -70,23 +111,23 @@ impl SqliteDatabase {
     }
 
     pub fn api_keys(&self) -> SqliteApiKeyRepository {
-        SqliteApiKeyRepository::new(self.clone())
+        SqliteApiKeyRepository::new(self.clone(), self.sealing.clone())
     }
 
     pub fn projects(&self) -> SqliteProjectRepository {
-        SqliteProjectRepository::new(self.clone())
+        SqliteProjectRepository::new(self.clone(), self.sealing.clone())
     }
 
     pub fn audit_log(&self) -> SqliteAuditLog {
-        SqliteAuditLog::new(self.clone())
+        SqliteAuditLog::new(self.clone(), self.sealing.clone())
     }
 
     pub fn command_store(&self, clock: Arc<dyn Clock>) -> SqliteCommandStore {
-        SqliteCommandStore::new(self.clone(), clock)
+        SqliteCommandStore::new(self.clone(), clock, self.sealing.clone())
     }
 
     pub fn command_queue(&self, clock: Arc<dyn Clock>) -> SqliteCommandQueue {
-        SqliteCommandQueue::new(self.clone(), clock)
+        SqliteCommandQueue::new(self.clone(), clock, self.sealing.clone())
     }
 
     pub fn output_store(&self) -> SqliteOutputStore {
@@ -110,15 +151,13 @@ impl SqliteDatabase {
 
 /// Makes the database file and its WAL companions readable and writable by the server's user
 /// only: commands run as another user (`RDEV_LOCAL_RUN_AS`) must not open it.
-fn owner_only(database: &std::path::Path) -> Result<(), sqlx::Error> {
+fn owner_only(database: &std::path::Path) -> Result<(), std::io::Error> {
     use std::os::unix::fs::PermissionsExt;
     for suffix in ["", "-wal", "-shm"] {
         let mut path = database.as_os_str().to_owned();
         path.push(suffix);
         match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(sqlx::Error::Io(error));
-            }
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
             _ => {}
         }
     }

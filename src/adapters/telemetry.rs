@@ -9,10 +9,11 @@ use prometheus::{
 };
 use tracing_subscriber::EnvFilter;
 
+use crate::domain::audit::AuditHead;
 use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
-use crate::ports::{CommandMetrics, HeapProfiler, OperatorMetrics, PortError};
+use crate::ports::{AuditHeads, CommandMetrics, HeapProfiler, OperatorMetrics, PortError};
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
 pub fn init_logging(json: bool) {
@@ -42,6 +43,7 @@ pub struct Metrics {
     commands_queued: IntGauge,
     command_duration: HistogramVec,
     output_bytes: IntCounter,
+    audit_head: IntGauge,
 }
 
 impl Metrics {
@@ -84,6 +86,11 @@ impl Metrics {
         registry.register(Box::new(commands_queued.clone()))?;
         registry.register(Box::new(command_duration.clone()))?;
         registry.register(Box::new(output_bytes.clone()))?;
+        let audit_head = IntGauge::new(
+            "audit_head_seq",
+            "Sequence number of the audit chain's last entry this replica wrote",
+        )?;
+        registry.register(Box::new(audit_head.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -97,7 +104,19 @@ impl Metrics {
             commands_queued,
             command_duration,
             output_bytes,
+            audit_head,
         })
+    }
+}
+
+/// The head goes to the log (kept outside the database, so a deleted tail shows against it) and
+/// to a gauge; out-of-order commits never move the gauge back.
+impl AuditHeads for Metrics {
+    fn published(&self, head: AuditHead) {
+        if head.seq > self.audit_head.get() {
+            self.audit_head.set(head.seq);
+        }
+        tracing::info!(seq = head.seq, hash = %head.hash, "audit head");
     }
 }
 

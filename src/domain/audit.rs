@@ -1,13 +1,42 @@
-//! The audit trail: append-only events chained by SHA-256 so that an edited or deleted row shows.
+//! The audit trail: append-only events chained by HMAC-SHA256 under a key the database does not
+//! hold ([`AuditKey`]), so an edited or deleted row shows and a database writer cannot re-forge
+//! the chain; the head (last `seq` and hash) is published outside the database so a deleted
+//! tail shows too.
 
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::digest::Update;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::ids::{ApiKeyId, AuditEventId};
 use super::validation::Rule;
+
+/// The secret the chain is sealed with (`RDEV_AUDIT_KEY`). Kept out of the database: whoever
+/// can write the database but lacks the key cannot compute a row's hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuditKey(Vec<u8>);
+
+impl AuditKey {
+    pub fn new(secret: Vec<u8>) -> Self {
+        Self(secret)
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(***)")
+    }
+}
+
+/// The last entry of the chain, as published outside the database after each append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: i64,
+    pub hash: String,
+}
 
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -106,7 +135,7 @@ impl NewAuditEvent {
     }
 
     /// Seals the event onto the chain after `prev_hash`, as entry number `seq`.
-    pub fn seal(&self, seq: i64, prev_hash: &str) -> AuditEvent {
+    pub fn seal(&self, seq: i64, prev_hash: &str, key: &AuditKey) -> AuditEvent {
         let mut event = AuditEvent {
             seq,
             id: self.id,
@@ -123,7 +152,7 @@ impl NewAuditEvent {
             prev_hash: prev_hash.to_owned(),
             hash: String::new(),
         };
-        event.hash = event.compute_hash();
+        event.hash = event.compute_hash(key);
         event
     }
 }
@@ -155,10 +184,23 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    /// SHA-256 over every field but `hash`, each length-prefixed so no two events collide by
-    /// moving characters between fields.
-    pub fn compute_hash(&self) -> String {
+    /// HMAC-SHA256 under `key` over every field but `hash`, each length-prefixed so no two
+    /// events collide by moving characters between fields, then `prev_hash`.
+    pub fn compute_hash(&self, key: &AuditKey) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC takes keys of any length");
+        self.feed(&mut mac);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The unkeyed SHA-256 of chains written before the key existed (read only to migrate them).
+    pub fn legacy_hash(&self) -> String {
         let mut hasher = Sha256::new();
+        self.feed(&mut hasher);
+        hex::encode(hasher.finalize())
+    }
+
+    fn feed(&self, hasher: &mut impl Update) {
         let at = self
             .at
             .to_offset(time::UtcOffset::UTC)
@@ -184,14 +226,13 @@ impl AuditEvent {
         for field in fields {
             match field {
                 Some(text) => {
-                    hasher.update((text.len() as u64).to_be_bytes());
+                    hasher.update(&(text.len() as u64).to_be_bytes());
                     hasher.update(text.as_bytes());
                 }
-                None => hasher.update(u64::MAX.to_be_bytes()),
+                None => hasher.update(&u64::MAX.to_be_bytes()),
             }
         }
         hasher.update(self.prev_hash.as_bytes());
-        hex::encode(hasher.finalize())
     }
 }
 
@@ -208,33 +249,68 @@ pub struct BrokenLink {
     pub reason: &'static str,
 }
 
+/// A head published earlier, that the chain must still reach (`head_seq`), with the hash its
+/// row had then (`head_hash`, optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpectedHead {
+    pub seq: i64,
+    pub hash: Option<String>,
+}
+
 /// Walks events in sequence order; feed it every row, then [`ChainVerifier::finish`].
 #[derive(Debug)]
 pub struct ChainVerifier {
+    /// `None` checks the unkeyed hashes of a chain written before the key existed.
+    key: Option<AuditKey>,
     expected_prev: String,
     last_seq: Option<i64>,
     checked: u64,
     first_broken: Option<BrokenLink>,
+    head: Option<ExpectedHead>,
+    head_seen: bool,
 }
 
-impl Default for ChainVerifier {
-    fn default() -> Self {
+impl ChainVerifier {
+    /// Checks a chain sealed with `key`; with `head`, also that the chain still reaches it.
+    pub fn keyed(key: AuditKey, head: Option<ExpectedHead>) -> Self {
+        Self::with(Some(key), head)
+    }
+
+    /// Checks a chain of unkeyed hashes (before migration).
+    pub fn legacy() -> Self {
+        Self::with(None, None)
+    }
+
+    fn with(key: Option<AuditKey>, head: Option<ExpectedHead>) -> Self {
         Self {
+            key,
             expected_prev: GENESIS_HASH.to_owned(),
             last_seq: None,
             checked: 0,
             first_broken: None,
+            head,
+            head_seen: false,
         }
     }
-}
 
-impl ChainVerifier {
     pub fn push(&mut self, event: &AuditEvent) {
         self.checked += 1;
+        if let Some(head) = &self.head
+            && head.seq == event.seq
+        {
+            self.head_seen = true;
+            if head.hash.as_ref().is_some_and(|hash| *hash != event.hash) {
+                self.break_at(event.seq, "row differs from the published head (rewritten)");
+            }
+        }
         if self.first_broken.is_some() {
             return;
         }
-        let reason = if event.hash != event.compute_hash() {
+        let expected = match &self.key {
+            Some(key) => event.compute_hash(key),
+            None => event.legacy_hash(),
+        };
+        let reason = if event.hash != expected {
             Some("row contents do not match its hash (edited)")
         } else if event.prev_hash != self.expected_prev {
             Some(
@@ -246,16 +322,26 @@ impl ChainVerifier {
             None
         };
         if let Some(reason) = reason {
-            self.first_broken = Some(BrokenLink {
-                seq: event.seq,
-                reason,
-            });
+            self.break_at(event.seq, reason);
         }
         self.expected_prev = event.hash.clone();
         self.last_seq = Some(event.seq);
     }
 
-    pub fn finish(self) -> ChainReport {
+    fn break_at(&mut self, seq: i64, reason: &'static str) {
+        if self.first_broken.is_none() {
+            self.first_broken = Some(BrokenLink { seq, reason });
+        }
+    }
+
+    pub fn finish(mut self) -> ChainReport {
+        if self.head.is_some() && !self.head_seen {
+            let end = self.last_seq.map_or(1, |last| last + 1);
+            self.break_at(
+                end,
+                "the chain ends before the published head (rows at its end were deleted)",
+            );
+        }
         ChainReport {
             checked: self.checked,
             first_broken: self.first_broken,
@@ -282,6 +368,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn key() -> AuditKey {
+        AuditKey::new(b"the audit key".to_vec())
+    }
+
     fn chain(n: usize) -> Vec<AuditEvent> {
         let mut prev = GENESIS_HASH.to_owned();
         (1..=n as i64)
@@ -293,17 +383,72 @@ mod tests {
                     ("project", format!("p{seq}")),
                     json!({"n": seq}),
                 )
-                .seal(seq, &prev);
+                .seal(seq, &prev, &key());
                 prev = event.hash.clone();
                 event
             })
             .collect()
     }
 
-    fn verify(events: &[AuditEvent]) -> ChainReport {
-        let mut verifier = ChainVerifier::default();
+    fn verify_with(events: &[AuditEvent], head: Option<ExpectedHead>) -> ChainReport {
+        let mut verifier = ChainVerifier::keyed(key(), head);
         events.iter().for_each(|e| verifier.push(e));
         verifier.finish()
+    }
+
+    fn verify(events: &[AuditEvent]) -> ChainReport {
+        verify_with(events, None)
+    }
+
+    #[test]
+    fn a_chain_reforged_without_the_key_is_found() {
+        // What a database writer can do: edit a row, and recompute every hash from it on.
+        let mut events = chain(5);
+        events[2].details = r#"{"n":99}"#.into();
+        let mut prev = events[1].hash.clone();
+        for event in &mut events[2..] {
+            event.prev_hash = prev.clone();
+            event.hash = event.compute_hash(&AuditKey::new(b"a guess".to_vec()));
+            prev = event.hash.clone();
+        }
+        assert_eq!(verify(&events).first_broken.unwrap().seq, 3);
+    }
+
+    #[test]
+    fn a_deleted_tail_is_found_only_against_the_published_head() {
+        let mut events = chain(5);
+        let head = ExpectedHead {
+            seq: 5,
+            hash: Some(events[4].hash.clone()),
+        };
+        events.truncate(3);
+        assert_eq!(verify(&events).first_broken, None, "the rest still chains");
+        let report = verify_with(&events, Some(head.clone()));
+        assert_eq!(report.first_broken.unwrap().seq, 4);
+        let full = chain(5);
+        let mismatch = ExpectedHead {
+            seq: 5,
+            hash: Some("0".repeat(64)),
+        };
+        assert_eq!(
+            verify_with(&full, Some(mismatch)).first_broken.unwrap().seq,
+            5
+        );
+    }
+
+    #[test]
+    fn a_legacy_chain_verifies_only_as_legacy() {
+        let mut events = chain(3);
+        let mut prev = GENESIS_HASH.to_owned();
+        for event in &mut events {
+            event.prev_hash = prev.clone();
+            event.hash = event.legacy_hash();
+            prev = event.hash.clone();
+        }
+        let mut legacy = ChainVerifier::legacy();
+        events.iter().for_each(|e| legacy.push(e));
+        assert_eq!(legacy.finish().first_broken, None);
+        assert_eq!(verify(&events).first_broken.unwrap().seq, 1);
     }
 
     #[test]
@@ -343,6 +488,6 @@ mod tests {
         a.target_id = "c".into();
         b.target_type = "a".into();
         b.target_id = "bc".into();
-        assert_ne!(a.compute_hash(), b.compute_hash());
+        assert_ne!(a.compute_hash(&key()), b.compute_hash(&key()));
     }
 }

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{Page, PortError};
-use crate::domain::audit::{AuditEvent, ChainReport};
+use crate::domain::audit::{AuditEvent, AuditHead, ChainReport, ExpectedHead};
 use crate::domain::ids::ApiKeyId;
 
 #[derive(Debug, Clone, Default)]
@@ -24,5 +24,11 @@ pub trait AuditLog: Send + Sync {
     /// Newest first.
     async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError>;
     /// Walks the whole chain.
-    async fn verify(&self) -> Result<ChainReport, PortError>;
+    async fn verify(&self, head: Option<ExpectedHead>) -> Result<ChainReport, PortError>;
+}
+
+/// Where the chain's head is published outside the database after each append, so a deleted
+/// tail can be detected against it.
+pub trait AuditHeads: Send + Sync {
+    fn published(&self, head: AuditHead);
 }

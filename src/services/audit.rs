@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::domain::audit::{AuditEvent, ChainReport};
+use crate::domain::audit::{AuditEvent, ChainReport, ExpectedHead};
 use crate::ports::{AuditFilter, AuditLog, Page};
 
 use super::{Caller, ServiceError};
@@ -28,8 +28,14 @@ impl AuditService {
         Ok(self.log.list(&filter).await?)
     }
 
-    pub async fn verify(&self, caller: &Caller) -> Result<ChainReport, ServiceError> {
+    /// Walks the chain; with `head` (published earlier, outside the database), also checks
+    /// that the chain still reaches it, which finds rows deleted from its end.
+    pub async fn verify(
+        &self,
+        caller: &Caller,
+        head: Option<ExpectedHead>,
+    ) -> Result<ChainReport, ServiceError> {
         caller.require_unrestricted_admin()?;
-        Ok(self.log.verify().await?)
+        Ok(self.log.verify(head).await?)
     }
 }

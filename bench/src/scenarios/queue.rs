@@ -11,8 +11,9 @@ use bytes::Bytes;
 use rdev_api::adapters::bus::InProcessBus;
 use rdev_api::adapters::cache::CachedProjects;
 use rdev_api::adapters::postgres::{PgDatabase, PgRelay, notify};
+use rdev_api::adapters::sql::Sealing;
 use rdev_api::adapters::telemetry::Metrics;
-use rdev_api::domain::audit::{AuditContext, NewAuditEvent, action};
+use rdev_api::domain::audit::{AuditContext, AuditKey, NewAuditEvent, action};
 use rdev_api::domain::command::OutputStream;
 use rdev_api::domain::ids::ProjectId;
 use rdev_api::domain::project::{EnvVars, ExecutorKind, Project, ProjectName, Workdir};
@@ -59,7 +60,12 @@ impl Execution for NoopExecution {
 
 async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
     let db = PgDb::create(&ctx.admin_db_url).await?;
-    let store = PgDatabase::connect(&db.url, 40).await?;
+    let metrics = Arc::new(Metrics::new()?);
+    let sealing = Arc::new(Sealing {
+        key: AuditKey::new(b"bench".to_vec()),
+        heads: metrics.clone(),
+    });
+    let store = PgDatabase::connect(&db.url, 40, sealing).await?;
     let clock = SystemClock;
     let now = clock.now();
     let project = Project {
@@ -114,7 +120,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
             bus: bus.clone(),
             work: bus,
             clock: Arc::new(SystemClock),
-            metrics: Arc::new(Metrics::new()?),
+            metrics,
             local: Arc::new(NoopExecutor),
             kube: None,
         },

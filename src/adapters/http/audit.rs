@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::audit::{AuditEvent, AuditFilterText};
+use crate::domain::audit::{AuditEvent, AuditFilterText, ExpectedHead};
 use crate::domain::ids::ApiKeyId;
 use crate::ports::AuditFilter;
 use crate::services::Caller;
@@ -22,6 +22,30 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_audit_events))
         .routes(routes!(verify_audit_log))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyQuery {
+    /// A head `seq` published earlier (the `audit head` log line, `rdev_audit_head_seq`): the
+    /// chain must still reach it, so rows deleted from its end are found.
+    pub head_seq: Option<i64>,
+    /// The hash published with that head; checked when given (needs `head_seq`).
+    pub head_hash: Option<String>,
+}
+
+impl VerifyQuery {
+    fn expected_head(self) -> Result<Option<ExpectedHead>, ApiError> {
+        match (self.head_seq, self.head_hash) {
+            (Some(seq), hash) if seq >= 1 => Ok(Some(ExpectedHead { seq, hash })),
+            (None, None) => Ok(None),
+            _ => Err(ApiError::BadParameter {
+                what: "head",
+                detail: "head_seq must be at least 1, and head_hash needs head_seq".into(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -136,14 +160,16 @@ async fn list_audit_events(
     }))
 }
 
-/// Walks the hash chain and reports the first edited or missing row (admin).
-#[utoipa::path(get, path = "/audit/verify", tag = "audit", security(("bearer" = []), ("api_key" = [])),
-    responses((status = 200, body = VerifyResponse), (status = 403, body = Problem)))]
+/// Walks the keyed hash chain and reports the first edited or missing row (admin); with
+/// `head_seq` (and `head_hash`), also rows deleted from its end.
+#[utoipa::path(get, path = "/audit/verify", tag = "audit", params(VerifyQuery), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = VerifyResponse), (status = 400, body = Problem), (status = 403, body = Problem)))]
 async fn verify_audit_log(
     State(state): State<AppState>,
     caller: Caller,
+    ApiQuery(query): ApiQuery<VerifyQuery>,
 ) -> Result<Json<VerifyResponse>, ApiError> {
-    let report = state.audit.verify(&caller).await?;
+    let report = state.audit.verify(&caller, query.expected_head()?).await?;
     Ok(Json(VerifyResponse {
         ok: report.first_broken.is_none(),
         checked: report.checked,

@@ -1,5 +1,7 @@
 //! [`PgApiKeyRepository`]: API keys and their address allowlists on Postgres.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
@@ -8,8 +10,8 @@ use uuid::Uuid;
 
 use super::audit;
 use crate::adapters::sql::{
-    KEY_COLUMNS, KEY_TAKEN, db, group_allowed_ips, key_from_row, key_insert, project_ids_json,
-    translate,
+    KEY_COLUMNS, KEY_TAKEN, Sealing, db, group_allowed_ips, key_from_row, key_insert,
+    project_ids_json, translate,
 };
 use crate::domain::api_key::ApiKey;
 use crate::domain::audit::NewAuditEvent;
@@ -18,11 +20,12 @@ use crate::ports::{ApiKeyRepository, PortError};
 
 pub struct PgApiKeyRepository {
     pool: PgPool,
+    sealing: Arc<Sealing>,
 }
 
 impl PgApiKeyRepository {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
+        Self { pool, sealing }
     }
 
     async fn write_allowed_ips(conn: &mut PgConnection, key: &ApiKey) -> Result<(), PortError> {
@@ -71,8 +74,8 @@ impl ApiKeyRepository for PgApiKeyRepository {
             .await
             .map_err(|e| translate(e, KEY_TAKEN))?;
         Self::write_allowed_ips(&mut tx, key).await?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn save(&self, key: &ApiKey, event: NewAuditEvent) -> Result<(), PortError> {
@@ -96,8 +99,8 @@ impl ApiKeyRepository for PgApiKeyRepository {
             return Err(PortError::NotFound);
         }
         Self::write_allowed_ips(&mut tx, key).await?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn find_by_prefix(&self, prefix: &str) -> Result<Option<ApiKey>, PortError> {

@@ -1,13 +1,18 @@
 //! [`PgAuditLog`]: the hash-chained audit log on Postgres. Appends happen inside the transaction
 //! of the change they record ([`append`]); an advisory lock serialises them across replicas.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
 
 use crate::adapters::sql::{
-    AUDIT_COLUMNS, VERIFY_PAGE, audit_from_row, audit_insert, db, page, seal_audits, verify_chain,
+    AUDIT_COLUMNS, KEYED_CHAIN_MARKER, Sealing, VERIFY_PAGE, audit_from_row, audit_insert, db,
+    page, reseal, seal_audits, verify_chain,
 };
-use crate::domain::audit::{AuditEvent, ChainReport, NewAuditEvent};
+use crate::domain::audit::{
+    AuditEvent, AuditHead, AuditKey, ChainReport, ChainVerifier, ExpectedHead, NewAuditEvent,
+};
 use crate::ports::{AuditFilter, AuditLog, Page, PortError};
 
 /// Any constant works; it only has to be the same on every replica.
@@ -18,9 +23,10 @@ const AUDIT_LOCK: i64 = 7_262_011;
 pub(super) async fn append(
     conn: &mut PgConnection,
     events: &[NewAuditEvent],
-) -> Result<(), PortError> {
+    key: &AuditKey,
+) -> Result<Option<AuditHead>, PortError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(AUDIT_LOCK)
@@ -32,22 +38,86 @@ pub(super) async fn append(
             .fetch_optional(&mut *conn)
             .await
             .map_err(db)?;
-    let sealed = seal_audits(last, events);
+    let sealed = seal_audits(last, events, key);
     audit_insert(&sealed)
         .build()
         .execute(&mut *conn)
         .await
         .map_err(db)?;
+    Ok(sealed.last().map(|event| AuditHead {
+        seq: event.seq,
+        hash: event.hash.clone(),
+    }))
+}
+
+/// Moves a chain written before the key existed onto the key, once: checks its unkeyed hashes,
+/// rewrites every row's `prev_hash` and `hash`, and leaves a marker. A chain that does not
+/// verify is left as it is (and `/audit/verify` reports it).
+pub(super) async fn seal_with_key(
+    conn: &mut PgConnection,
+    key: &AuditKey,
+) -> Result<(), PortError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_LOCK)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    let keyed: Option<String> =
+        sqlx::query_scalar("SELECT value FROM shared_secrets WHERE name = $1")
+            .bind(KEYED_CHAIN_MARKER)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    if keyed.is_some() {
+        return Ok(());
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let events = rows
+        .iter()
+        .map(audit_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(resealed) = reseal(&events, key) else {
+        tracing::error!(
+            "the audit chain does not verify with its old unkeyed hashes; it is not moved onto RDEV_AUDIT_KEY"
+        );
+        return Ok(());
+    };
+    for event in &resealed {
+        sqlx::query("UPDATE audit_log SET prev_hash = $2, hash = $3 WHERE seq = $1")
+            .bind(event.seq)
+            .bind(&event.prev_hash)
+            .bind(&event.hash)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    sqlx::query("INSERT INTO shared_secrets (name, value) VALUES ($1, 'hmac-sha256')")
+        .bind(KEYED_CHAIN_MARKER)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    if !resealed.is_empty() {
+        tracing::info!(
+            rows = resealed.len(),
+            "audit chain moved onto RDEV_AUDIT_KEY"
+        );
+    }
     Ok(())
 }
 
 pub struct PgAuditLog {
     pool: PgPool,
+    sealing: Arc<Sealing>,
 }
 
 impl PgAuditLog {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
+        Self { pool, sealing }
     }
 }
 
@@ -78,8 +148,9 @@ impl AuditLog for PgAuditLog {
         Ok(page(items, filter.limit, |e| e.seq.to_string()))
     }
 
-    async fn verify(&self) -> Result<ChainReport, PortError> {
-        verify_chain(|after| async move {
+    async fn verify(&self, head: Option<ExpectedHead>) -> Result<ChainReport, PortError> {
+        let verifier = ChainVerifier::keyed(self.sealing.key.clone(), head);
+        verify_chain(verifier, |after| async move {
             let rows = sqlx::query(&format!(
                 "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
             ))

@@ -8,7 +8,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::audit;
-use crate::adapters::sql::{COMMAND_COLUMNS, command_from_row, db, page, queue_summary, translate};
+use crate::adapters::sql::{
+    COMMAND_COLUMNS, Sealing, command_from_row, db, page, queue_summary, translate,
+};
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::command::Command;
 use crate::domain::ids::{CommandId, ProjectId};
@@ -19,11 +21,16 @@ use crate::ports::{
 pub struct PgCommandStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    sealing: Arc<Sealing>,
 }
 
 impl PgCommandStore {
-    pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
-        Self { pool, clock }
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>, sealing: Arc<Sealing>) -> Self {
+        Self {
+            pool,
+            clock,
+            sealing,
+        }
     }
 }
 
@@ -109,8 +116,8 @@ impl CommandStore for PgCommandStore {
             .await
             .map_err(|e| translate(e, "a request with this Idempotency-Key"))?;
         }
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(SubmitOutcome::Created(command))
     }
 
@@ -202,8 +209,8 @@ impl CommandStore for PgCommandStore {
             return Err(PortError::AlreadyEnded(command.status));
         };
         let command = command_from_row(&row)?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(command)
     }
 }

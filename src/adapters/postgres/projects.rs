@@ -1,12 +1,15 @@
 //! [`PgProjectRepository`]: projects on Postgres.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::audit;
 use crate::adapters::sql::{
-    PROJECT_COLUMNS, PROJECT_TAKEN, db, project_from_row, project_insert, project_update, translate,
+    PROJECT_COLUMNS, PROJECT_TAKEN, Sealing, db, project_from_row, project_insert, project_update,
+    translate,
 };
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::ProjectId;
@@ -15,11 +18,12 @@ use crate::ports::{PortError, ProjectRepository};
 
 pub struct PgProjectRepository {
     pool: PgPool,
+    sealing: Arc<Sealing>,
 }
 
 impl PgProjectRepository {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
+        Self { pool, sealing }
     }
 }
 
@@ -32,8 +36,8 @@ impl ProjectRepository for PgProjectRepository {
             .execute(&mut *tx)
             .await
             .map_err(|e| translate(e, PROJECT_TAKEN))?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn update(&self, project: &Project, event: NewAuditEvent) -> Result<(), PortError> {
@@ -46,8 +50,8 @@ impl ProjectRepository for PgProjectRepository {
         if updated.rows_affected() == 0 {
             return Err(PortError::NotFound);
         }
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn delete(&self, id: ProjectId, event: NewAuditEvent) -> Result<(), PortError> {
@@ -77,8 +81,8 @@ impl ProjectRepository for PgProjectRepository {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn get(&self, id: ProjectId) -> Result<Project, PortError> {

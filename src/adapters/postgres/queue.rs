@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool, Row};
 use time::OffsetDateTime;
@@ -12,7 +14,7 @@ use uuid::Uuid;
 
 use super::audit;
 use crate::adapters::sql::{
-    COMMAND_COLUMNS, LOST_MESSAGE, command_from_row, db, lost_audits, slots_per_project,
+    COMMAND_COLUMNS, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits, slots_per_project,
 };
 use crate::domain::audit::AuditContext;
 use crate::domain::command::{Command, CommandStatus};
@@ -21,11 +23,12 @@ use crate::ports::{Claim, CommandQueue, Finished, PortError, RenewedLeases};
 
 pub struct PgCommandQueue {
     pool: PgPool,
+    sealing: Arc<Sealing>,
 }
 
 impl PgCommandQueue {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
+        Self { pool, sealing }
     }
 }
 
@@ -194,8 +197,8 @@ impl CommandQueue for PgCommandQueue {
         }
         let ended: Vec<Command> = ended.into_values().collect();
         free_slots(&mut tx, &ended).await?;
-        audit::append(&mut tx, &events).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &events, &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(results)
     }
 
@@ -216,12 +219,14 @@ impl CommandQueue for PgCommandQueue {
             .iter()
             .map(command_from_row)
             .collect::<Result<Vec<_>, _>>()?;
+        let mut head = None;
         if let Some(first) = lost.first() {
             let at = first.finished_at.unwrap_or_else(OffsetDateTime::now_utc);
             free_slots(&mut tx, &lost).await?;
-            audit::append(&mut tx, &lost_audits(context, at, &lost)).await?;
+            head =
+                audit::append(&mut tx, &lost_audits(context, at, &lost), &self.sealing.key).await?;
         }
-        tx.commit().await.map_err(db)?;
+        self.sealing.commit(tx, head).await?;
         Ok(lost)
     }
 }

@@ -1,5 +1,7 @@
 //! [`SqliteApiKeyRepository`]: API keys and their address allowlists on SQLite.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -8,8 +10,8 @@ use uuid::Uuid;
 
 use super::{SqliteDatabase, audit};
 use crate::adapters::sql::{
-    KEY_COLUMNS, KEY_TAKEN, db, group_allowed_ips, key_from_row, key_insert, project_ids_json,
-    translate,
+    KEY_COLUMNS, KEY_TAKEN, Sealing, db, group_allowed_ips, key_from_row, key_insert,
+    project_ids_json, translate,
 };
 use crate::domain::api_key::ApiKey;
 use crate::domain::audit::NewAuditEvent;
@@ -18,11 +20,12 @@ use crate::ports::{ApiKeyRepository, PortError};
 
 pub struct SqliteApiKeyRepository {
     db: SqliteDatabase,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteApiKeyRepository {
-    pub fn new(db: SqliteDatabase) -> Self {
-        Self { db }
+    pub fn new(db: SqliteDatabase, sealing: Arc<Sealing>) -> Self {
+        Self { db, sealing }
     }
 
     async fn write_allowed_ips(conn: &mut SqliteConnection, key: &ApiKey) -> Result<(), PortError> {
@@ -67,8 +70,8 @@ impl ApiKeyRepository for SqliteApiKeyRepository {
             .await
             .map_err(|e| translate(e, KEY_TAKEN))?;
         Self::write_allowed_ips(&mut tx, key).await?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn save(&self, key: &ApiKey, event: NewAuditEvent) -> Result<(), PortError> {
@@ -92,8 +95,8 @@ impl ApiKeyRepository for SqliteApiKeyRepository {
             return Err(PortError::NotFound);
         }
         Self::write_allowed_ips(&mut tx, key).await?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn find_by_prefix(&self, prefix: &str) -> Result<Option<ApiKey>, PortError> {

@@ -2,45 +2,110 @@
 //! transaction of the change they record ([`append`]); the single writer connection serialises
 //! them.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use super::SqliteDatabase;
 use crate::adapters::sql::{
-    AUDIT_COLUMNS, VERIFY_PAGE, audit_from_row, audit_insert, db, page, seal_audits, verify_chain,
+    AUDIT_COLUMNS, KEYED_CHAIN_MARKER, Sealing, VERIFY_PAGE, audit_from_row, audit_insert, db,
+    page, reseal, seal_audits, verify_chain,
 };
-use crate::domain::audit::{AuditEvent, ChainReport, NewAuditEvent};
+use crate::domain::audit::{
+    AuditEvent, AuditHead, AuditKey, ChainReport, ChainVerifier, ExpectedHead, NewAuditEvent,
+};
 use crate::ports::{AuditFilter, AuditLog, Page, PortError};
 
 /// Appends `events` to the chain inside the caller's write transaction.
 pub(super) async fn append(
     conn: &mut SqliteConnection,
     events: &[NewAuditEvent],
-) -> Result<(), PortError> {
+    key: &AuditKey,
+) -> Result<Option<AuditHead>, PortError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
             .await
             .map_err(db)?;
-    let sealed = seal_audits(last, events);
+    let sealed = seal_audits(last, events, key);
     audit_insert(&sealed)
         .build()
         .execute(&mut *conn)
         .await
         .map_err(db)?;
+    Ok(sealed.last().map(|event| AuditHead {
+        seq: event.seq,
+        hash: event.hash.clone(),
+    }))
+}
+
+/// Moves a chain written before the key existed onto the key, once: checks its unkeyed hashes,
+/// rewrites every row's `prev_hash` and `hash`, and leaves a marker. A chain that does not
+/// verify is left as it is (and `/audit/verify` reports it).
+pub(super) async fn seal_with_key(
+    conn: &mut SqliteConnection,
+    key: &AuditKey,
+) -> Result<(), PortError> {
+    let keyed: Option<String> =
+        sqlx::query_scalar("SELECT value FROM shared_secrets WHERE name = $1")
+            .bind(KEYED_CHAIN_MARKER)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    if keyed.is_some() {
+        return Ok(());
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let events = rows
+        .iter()
+        .map(audit_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(resealed) = reseal(&events, key) else {
+        tracing::error!(
+            "the audit chain does not verify with its old unkeyed hashes; it is not moved onto RDEV_AUDIT_KEY"
+        );
+        return Ok(());
+    };
+    for event in &resealed {
+        sqlx::query("UPDATE audit_log SET prev_hash = $2, hash = $3 WHERE seq = $1")
+            .bind(event.seq)
+            .bind(&event.prev_hash)
+            .bind(&event.hash)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    sqlx::query("INSERT INTO shared_secrets (name, value) VALUES ($1, 'hmac-sha256')")
+        .bind(KEYED_CHAIN_MARKER)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    if !resealed.is_empty() {
+        tracing::info!(
+            rows = resealed.len(),
+            "audit chain moved onto RDEV_AUDIT_KEY"
+        );
+    }
     Ok(())
 }
 
 pub struct SqliteAuditLog {
     db: SqliteDatabase,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteAuditLog {
-    pub fn new(db: SqliteDatabase) -> Self {
-        Self { db }
+    pub fn new(db: SqliteDatabase, sealing: Arc<Sealing>) -> Self {
+        Self { db, sealing }
     }
 }
 
@@ -87,8 +152,9 @@ impl AuditLog for SqliteAuditLog {
         Ok(page(items, filter.limit, |e| e.seq.to_string()))
     }
 
-    async fn verify(&self) -> Result<ChainReport, PortError> {
-        verify_chain(|after| async move {
+    async fn verify(&self, head: Option<ExpectedHead>) -> Result<ChainReport, PortError> {
+        let verifier = ChainVerifier::keyed(self.sealing.key.clone(), head);
+        verify_chain(verifier, |after| async move {
             let rows = sqlx::query(&format!(
                 "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
             ))

@@ -8,7 +8,9 @@ use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::{SqliteDatabase, audit};
-use crate::adapters::sql::{COMMAND_COLUMNS, command_from_row, db, page, queue_summary, translate};
+use crate::adapters::sql::{
+    COMMAND_COLUMNS, Sealing, command_from_row, db, page, queue_summary, translate,
+};
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::command::Command;
 use crate::domain::ids::{CommandId, ProjectId};
@@ -19,11 +21,12 @@ use crate::ports::{
 pub struct SqliteCommandStore {
     db: SqliteDatabase,
     clock: Arc<dyn Clock>,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteCommandStore {
-    pub fn new(db: SqliteDatabase, clock: Arc<dyn Clock>) -> Self {
-        Self { db, clock }
+    pub fn new(db: SqliteDatabase, clock: Arc<dyn Clock>, sealing: Arc<Sealing>) -> Self {
+        Self { db, clock, sealing }
     }
 }
 
@@ -107,8 +110,8 @@ impl CommandStore for SqliteCommandStore {
             .await
             .map_err(|e| translate(e, "a request with this Idempotency-Key"))?;
         }
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(SubmitOutcome::Created(command))
     }
 
@@ -216,8 +219,8 @@ impl CommandStore for SqliteCommandStore {
             return Err(PortError::AlreadyEnded(command.status));
         };
         let command = command_from_row(&row)?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(command)
     }
 }

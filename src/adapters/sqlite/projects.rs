@@ -1,11 +1,14 @@
 //! [`SqliteProjectRepository`]: projects on SQLite.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{SqliteDatabase, audit};
 use crate::adapters::sql::{
-    PROJECT_COLUMNS, PROJECT_TAKEN, db, project_from_row, project_insert, project_update, translate,
+    PROJECT_COLUMNS, PROJECT_TAKEN, Sealing, db, project_from_row, project_insert, project_update,
+    translate,
 };
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::ProjectId;
@@ -14,11 +17,12 @@ use crate::ports::{PortError, ProjectRepository};
 
 pub struct SqliteProjectRepository {
     db: SqliteDatabase,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteProjectRepository {
-    pub fn new(db: SqliteDatabase) -> Self {
-        Self { db }
+    pub fn new(db: SqliteDatabase, sealing: Arc<Sealing>) -> Self {
+        Self { db, sealing }
     }
 }
 
@@ -31,8 +35,8 @@ impl ProjectRepository for SqliteProjectRepository {
             .execute(&mut *tx)
             .await
             .map_err(|e| translate(e, PROJECT_TAKEN))?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn update(&self, project: &Project, event: NewAuditEvent) -> Result<(), PortError> {
@@ -45,8 +49,8 @@ impl ProjectRepository for SqliteProjectRepository {
         if updated.rows_affected() == 0 {
             return Err(PortError::NotFound);
         }
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn delete(&self, id: ProjectId, event: NewAuditEvent) -> Result<(), PortError> {
@@ -71,8 +75,8 @@ impl ProjectRepository for SqliteProjectRepository {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        audit::append(&mut tx, &[event]).await?;
-        tx.commit().await.map_err(db)
+        let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
     }
 
     async fn get(&self, id: ProjectId) -> Result<Project, PortError> {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{SqliteDatabase, audit};
 use crate::adapters::sql::{
-    COMMAND_COLUMNS, LOST_MESSAGE, command_from_row, db, lost_audits, slots_per_project,
+    COMMAND_COLUMNS, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits, slots_per_project,
 };
 use crate::domain::audit::AuditContext;
 use crate::domain::command::{Command, CommandStatus};
@@ -21,11 +21,12 @@ use crate::ports::{Claim, Clock, CommandQueue, Finished, PortError, RenewedLease
 pub struct SqliteCommandQueue {
     db: SqliteDatabase,
     clock: Arc<dyn Clock>,
+    sealing: Arc<Sealing>,
 }
 
 impl SqliteCommandQueue {
-    pub fn new(db: SqliteDatabase, clock: Arc<dyn Clock>) -> Self {
-        Self { db, clock }
+    pub fn new(db: SqliteDatabase, clock: Arc<dyn Clock>, sealing: Arc<Sealing>) -> Self {
+        Self { db, clock, sealing }
     }
 }
 
@@ -170,8 +171,8 @@ impl CommandQueue for SqliteCommandQueue {
             }
         }
         free_slots(&mut tx, &ended).await?;
-        audit::append(&mut tx, &events).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(&mut tx, &events, &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await?;
         Ok(results)
     }
 
@@ -194,8 +195,13 @@ impl CommandQueue for SqliteCommandQueue {
             .map(command_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         free_slots(&mut tx, &lost).await?;
-        audit::append(&mut tx, &lost_audits(context, now, &lost)).await?;
-        tx.commit().await.map_err(db)?;
+        let head = audit::append(
+            &mut tx,
+            &lost_audits(context, now, &lost),
+            &self.sealing.key,
+        )
+        .await?;
+        self.sealing.commit(tx, head).await?;
         Ok(lost)
     }
 }
