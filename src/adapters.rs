@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod cache;
 pub mod http;
+pub mod kube;
 pub mod local;
 pub mod postgres;
 pub mod sql;

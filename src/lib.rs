@@ -9,4 +9,5 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod ports;
+pub mod resilience;
 pub mod services;

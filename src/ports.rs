@@ -9,6 +9,7 @@ pub mod error;
 pub mod executor;
 pub mod metrics;
 pub mod output;
+pub mod pods;
 pub mod projects;
 
 pub use api_keys::ApiKeyRepository;
@@ -20,11 +21,12 @@ pub use commands::{
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
-pub use metrics::{CommandMetrics, HeapProfiler, OperatorMetrics};
+pub use metrics::{CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics};
 pub use output::{
     BusEvent, OutputBus, OutputProgress, OutputStore, Received, Relay, RemoteHint, RemoteInbox,
     Subscription, WorkSignal,
 };
+pub use pods::{PodError, PodManager, PodStatus};
 pub use projects::ProjectRepository;
 
 /// A page of results and the cursor of the next one.

@@ -69,6 +69,8 @@ pub struct PodSpec {
     pub phase: String,
     pub ready: bool,
     pub controller: Controller,
+    /// How long before now the pod was created (selectors prefer the newest pod).
+    pub age: Duration,
 }
 
 impl PodSpec {
@@ -82,7 +84,13 @@ impl PodSpec {
             phase: "Running".into(),
             ready: true,
             controller: Controller::None,
+            age: Duration::ZERO,
         }
+    }
+
+    pub fn age(mut self, age: Duration) -> Self {
+        self.age = age;
+        self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
@@ -123,9 +131,9 @@ struct Pod {
 impl Pod {
     fn new(spec: PodSpec) -> Self {
         Self {
+            created: time::OffsetDateTime::now_utc() - spec.age,
             spec,
             uid: uuid::Uuid::new_v4().to_string(),
-            created: time::OffsetDateTime::now_utc(),
             restarts: 0,
             deleted: watch::channel(false).0,
         }
@@ -421,6 +429,7 @@ fn delete(inner: &Arc<Inner>, namespace: &str, name: &str) -> Option<Value> {
         let mut pod = Pod::new(PodSpec {
             ready: false,
             phase: "Pending".into(),
+            age: Duration::ZERO,
             ..spec
         });
         pod.restarts = 0;

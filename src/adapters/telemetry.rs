@@ -4,15 +4,17 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
 use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
-use crate::ports::{CommandMetrics, HeapProfiler, OperatorMetrics, PortError};
+use crate::ports::{
+    CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics, PortError,
+};
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
 pub fn init_logging(json: bool) {
@@ -42,6 +44,7 @@ pub struct Metrics {
     commands_queued: IntGauge,
     command_duration: HistogramVec,
     output_bytes: IntCounter,
+    circuit_state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -77,6 +80,14 @@ impl Metrics {
             "command_output_bytes_total",
             "Output bytes produced by commands",
         )?;
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "circuit_breaker_state",
+                "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open",
+            ),
+            &["target"],
+        )?;
+        registry.register(Box::new(circuit_state.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(sse_active.clone()))?;
@@ -97,6 +108,7 @@ impl Metrics {
             commands_queued,
             command_duration,
             output_bytes,
+            circuit_state,
         })
     }
 }
@@ -145,6 +157,14 @@ impl HeapProfiler for JemallocProfiler {
             .await
             .map_err(PortError::backend)?
             .map_err(|e| PortError::backend(e.to_string()))
+    }
+}
+
+impl CircuitMetrics for Metrics {
+    fn circuit_state(&self, target: &'static str, state: CircuitState) {
+        self.circuit_state
+            .with_label_values(&[target])
+            .set(state.gauge_value());
     }
 }
 

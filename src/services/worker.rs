@@ -52,6 +52,17 @@ pub struct WorkerPorts {
     pub kube: Option<Arc<dyn Executor>>,
 }
 
+/// An error with its causes, as one line for the command's `error` field.
+fn describe(error: &PortError) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
 /// What a running process did next.
 enum Step {
     Output(Option<(OutputStream, Bytes)>),
@@ -366,15 +377,7 @@ impl WorkerPool {
             env,
             target: project.target.clone(),
         };
-        executor.start(request).await.map_err(|e| {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            message
-        })
+        executor.start(request).await.map_err(|e| describe(&e))
     }
 
     fn executor_for(&self, project: &Project) -> Result<&Arc<dyn Executor>, String> {
@@ -468,7 +471,14 @@ impl WorkerPool {
         let progress = recorder.finish().await;
         match exit {
             Ok(code) => self.outcome(code, stopped_by, None, progress),
-            Err(error) => self.outcome(None, stopped_by, Some(error.to_string()), progress),
+            // The executor lost track of the process (its pod vanished, its stream broke): how
+            // it ended is unknown, which is what `lost` means.
+            Err(error @ PortError::Unavailable(_)) => {
+                tracing::warn!(command = %id, error = %describe(&error), "lost track of the command");
+                let reason = stopped_by.or(Some(TerminationReason::Lost));
+                self.outcome(None, reason, Some(describe(&error)), progress)
+            }
+            Err(error) => self.outcome(None, stopped_by, Some(describe(&error)), progress),
         }
     }
 
