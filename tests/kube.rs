@@ -9,7 +9,6 @@ mod support;
 use std::time::Duration;
 
 use fake_kube::{Controller, FakeKube, PodSpec};
-use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{ADMIN_KEY, Backend, TestDb, TestServer, output_of, problem, test_config};
@@ -167,42 +166,7 @@ async fn resume_with_last_event_id_is_exact(backend: Backend) {
     let project = cluster
         .project("chatty", json!({"namespace": "apps", "pod": "web-0"}))
         .await;
-    let lines = 3000;
-    let id = cluster
-        .server
-        .submit(
-            &project,
-            json!({"command": format!(
-                "i=1; while [ $i -le {lines} ]; do echo \"line $i\"; \
-                 if [ $((i % 1000)) -eq 0 ]; then sleep 0.3; fi; i=$((i+1)); done")}),
-        )
-        .await;
-    let expected: String = (1..=lines).map(|i| format!("line {i}\n")).collect();
-    let mut first = cluster.server.events(&id, None).await;
-    let mut received = Vec::new();
-    while received.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(30), first.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if event.event == "output" {
-            received.push(event);
-        }
-    }
-    drop(first);
-    let last_id: i64 = received.last().unwrap().id.parse().unwrap();
-    let rest = cluster.server.events_until_end(&id, Some(last_id)).await;
-    let resumed: Vec<_> = rest
-        .iter()
-        .filter(|e| e.event == "output")
-        .cloned()
-        .collect();
-    assert_eq!(resumed.first().unwrap().id, (last_id + 1).to_string());
-    received.extend(resumed);
-    let ids: Vec<i64> = received.iter().map(|e| e.id.parse().unwrap()).collect();
-    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
-    assert_eq!(output_of(&received, "stdout"), expected);
-    assert_eq!(json_data(rest.last().unwrap())["status"], "succeeded");
+    cluster.server.check_exact_resume(&project, 3000).await;
     cluster.server.stop().await;
 }
 

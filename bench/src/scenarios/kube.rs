@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fake_kube::{FakeKube, PodSpec};
-use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::Scenario;
@@ -21,25 +20,6 @@ pub const SCENARIO: Scenario = Scenario {
 };
 
 const COMMAND: &str = "echo x";
-
-/// Milliseconds from the submit request to the first SSE `output` event.
-async fn rdev_sample(server: &Server, project: &str) -> Result<f64> {
-    let started = Instant::now();
-    let id = server.submit(project, COMMAND).await?;
-    let mut events = server.events(&id).await?;
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
-            .await
-            .context("no output within 30 s")?
-            .context("stream ended before output")??;
-        if event.event == "output" {
-            return Ok(started.elapsed().as_secs_f64() * 1000.0);
-        }
-        if event.event == "end" {
-            bail!("the command ended without output: {}", event.data);
-        }
-    }
-}
 
 /// Milliseconds from starting `kubectl exec` to the first byte on its stdout.
 async fn kubectl_sample(kubeconfig: &Path) -> Result<f64> {
@@ -101,7 +81,7 @@ async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     // Interleaved, so that both see the same machine state; the first three warm up.
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for index in 0..count + 3 {
-        let rdev = rdev_sample(&server, &project).await?;
+        let rdev = server.submit_to_first_output(&project, COMMAND).await?;
         let kubectl = if kubectl_present {
             Some(kubectl_sample(&kubeconfig).await?)
         } else {

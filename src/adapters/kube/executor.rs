@@ -15,11 +15,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{KubeApi, container_of, script};
+use crate::adapters::pipe::pump;
 use crate::domain::command::OutputStream;
 use crate::ports::{ExecRequest, Execution, Executor, PodError, PortError};
 
 const OUTPUT_BACKLOG: usize = 16;
-const READ_SIZE: usize = 8 * 1024;
 /// The group id line is a number; anything longer is not it.
 const MAX_GROUP_LINE: usize = 32;
 /// How long a failed start may take to deliver its stderr and status.
@@ -172,29 +172,20 @@ fn exit_code(status: &Status) -> Result<Option<i32>, String> {
         .unwrap_or_else(|| "the exec failed without a message".to_owned()))
 }
 
-/// Reads stdout, taking the first line as the command's process group id.
+/// Reads stdout, taking the first line as the command's process group id; the rest is output.
 async fn pump_stdout(
     mut pipe: impl AsyncRead + Unpin,
     tx: mpsc::Sender<(OutputStream, Bytes)>,
     group: oneshot::Sender<i32>,
 ) {
-    let mut group = Some(group);
-    let mut buffer = BytesMut::with_capacity(READ_SIZE);
+    let mut line = BytesMut::with_capacity(MAX_GROUP_LINE);
     loop {
-        buffer.reserve(READ_SIZE);
-        match pipe.read_buf(&mut buffer).await {
+        match pipe.read_buf(&mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        if let Some(sender) = group.take() {
-            let Some(end) = buffer.iter().position(|b| *b == b'\n') else {
-                if buffer.len() > MAX_GROUP_LINE {
-                    return;
-                }
-                group = Some(sender);
-                continue;
-            };
-            let line = buffer.split_to(end + 1);
+        if let Some(end) = line.iter().position(|b| *b == b'\n') {
+            let rest = line.split_off(end + 1);
             let Some(pgid) = std::str::from_utf8(&line[..end])
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
@@ -202,38 +193,22 @@ async fn pump_stdout(
             else {
                 return;
             };
-            let _ = sender.send(pgid);
-            if buffer.is_empty() {
-                continue;
+            let _ = group.send(pgid);
+            if !rest.is_empty()
+                && tx
+                    .send((OutputStream::Stdout, rest.freeze()))
+                    .await
+                    .is_err()
+            {
+                return;
             }
+            break;
         }
-        if tx
-            .send((OutputStream::Stdout, buffer.split().freeze()))
-            .await
-            .is_err()
-        {
+        if line.len() > MAX_GROUP_LINE {
             return;
         }
     }
-}
-
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: OutputStream,
-    tx: mpsc::Sender<(OutputStream, Bytes)>,
-) {
-    let mut buffer = BytesMut::with_capacity(READ_SIZE);
-    loop {
-        buffer.reserve(READ_SIZE);
-        match pipe.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if tx.send((stream, buffer.split().freeze())).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
+    pump(pipe, OutputStream::Stdout, tx).await;
 }
 
 /// Where a command runs: enough to reach its process group again.
