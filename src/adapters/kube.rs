@@ -325,3 +325,48 @@ fn container_of(pod: &Pod, target: &KubeTarget) -> Result<String, PodError> {
             }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::CircuitState;
+
+    struct NoMetrics;
+
+    impl CircuitMetrics for NoMetrics {
+        fn circuit_state(&self, _target: &'static str, _state: CircuitState) {}
+    }
+
+    /// With only `ring` compiled in, rustls must still find its crypto provider when the
+    /// client builds its TLS connector (a missing provider panics at that point).
+    #[tokio::test]
+    async fn an_https_kubeconfig_builds_a_client_on_ring() {
+        let dir = std::env::temp_dir().join(format!("rdev-kube-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            r#"{"apiVersion": "v1", "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": true}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x"}"#,
+        )
+        .unwrap();
+        let settings = BreakerSettings {
+            failure_threshold: 1,
+            open_for: std::time::Duration::from_secs(1),
+        };
+        let source = KubeSource::detect(std::slice::from_ref(&path)).unwrap();
+        let connected = KubeApi::connect(&source, settings, Arc::new(NoMetrics)).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(connected.is_ok());
+    }
+
+    #[test]
+    fn without_kubeconfig_or_service_account_there_is_no_kubernetes() {
+        if !std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").exists() {
+            assert!(KubeSource::detect(&[]).is_none());
+        }
+    }
+}
