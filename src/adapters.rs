@@ -4,7 +4,9 @@
 pub mod bus;
 pub mod cache;
 pub mod http;
+pub mod kube;
 pub mod local;
+pub mod pipe;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
+use crate::adapters::kube::{KubeApi, KubeExecutor, KubePodManager, KubeSetupError, KubeSource};
 use crate::adapters::local::{LocalExecutor, RunAs};
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sql::{Sealing, StoreError};
@@ -23,12 +24,14 @@ use crate::domain::audit::AuditKey;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
-    OutputBus, OutputStore, ProjectRepository, SharedSecrets, WorkSignal,
+    Executor, OutputBus, OutputStore, PodManager, ProjectRepository, SharedSecrets, WorkSignal,
 };
+use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimits};
 use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
+use crate::services::pods::{PodService, PodServicePorts};
 use crate::services::projects::ProjectService;
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
@@ -53,6 +56,8 @@ pub enum StartupError {
     Metrics(#[source] prometheus::Error),
     #[error("cannot create the bootstrap admin key")]
     Bootstrap(#[source] crate::services::ServiceError),
+    #[error("cannot set up the Kubernetes client")]
+    Kube(#[source] KubeSetupError),
     #[error("cannot bind {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
     #[error("the server failed")]
@@ -275,6 +280,13 @@ pub async fn build_with_clock(
     let ports = storage.ports(&clock);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let replica = replica_name();
+    let kube = connect_kube(&config, metrics.clone()).await?;
+    let kube_executor: Option<Arc<dyn Executor>> = kube
+        .clone()
+        .map(|api| Arc::new(KubeExecutor::new(api)) as Arc<dyn Executor>);
+    let pod_manager: Option<Arc<dyn PodManager>> = kube
+        .clone()
+        .map(|api| Arc::new(KubePodManager::new(api)) as Arc<dyn PodManager>);
 
     let bus = match &storage {
         Storage::Sqlite(_) => InProcessBus::local(),
@@ -385,7 +397,7 @@ pub async fn build_with_clock(
             clock: clock.clone(),
             metrics: command_metrics,
             local: Arc::new(LocalExecutor::new(run_as)),
-            kube: None,
+            kube: kube_executor,
         },
         WorkerSettings {
             workers: config.workers,
@@ -399,13 +411,23 @@ pub async fn build_with_clock(
         replica,
     );
 
+    let projects = Arc::new(
+        ProjectService::new(projects_repo, clock.clone(), config.executor)
+            .with_kube_available(kube.is_some()),
+    );
+    let pods = Arc::new(PodService::new(
+        PodServicePorts {
+            projects: projects.clone(),
+            pods: pod_manager,
+            audit: ports.audit.clone(),
+            clock: clock.clone(),
+        },
+        Duration::from_secs(config.pod_restart_wait_secs),
+    ));
     let state = AppState::new(Services {
         keys: keys.clone(),
-        projects: Arc::new(ProjectService::new(
-            projects_repo,
-            clock.clone(),
-            config.executor,
-        )),
+        projects,
+        pods,
         audit: Arc::new(AuditService::new(ports.audit)),
         commands,
         follow,
@@ -428,6 +450,29 @@ pub async fn build_with_clock(
         workers,
         bootstrap_key,
     })
+}
+
+/// The Kubernetes API from `KUBECONFIG` or the in-cluster service account; `None` when neither
+/// is there (kube projects are then refused). A configured but unusable source stops the start.
+async fn connect_kube(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<Option<KubeApi>, StartupError> {
+    let Some(source) = KubeSource::detect(&config.kubeconfig) else {
+        tracing::info!(
+            "no Kubernetes API configured (KUBECONFIG or in-cluster): kube projects are refused"
+        );
+        return Ok(None);
+    };
+    let breaker = BreakerSettings {
+        failure_threshold: config.kube_breaker_failures,
+        open_for: Duration::from_secs(config.kube_breaker_open_secs),
+    };
+    let api = KubeApi::connect(&source, breaker, metrics)
+        .await
+        .map_err(StartupError::Kube)?;
+    tracing::info!(?source, "Kubernetes API configured");
+    Ok(Some(api))
 }
 
 /// A lease owner name unique to this process.

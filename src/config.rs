@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -223,6 +224,28 @@ pub struct Config {
     )]
     pub sse_keepalive_secs: u64,
 
+    /// Kubeconfig file(s) for the Kubernetes API outside a cluster (`:`-separated, merged in
+    /// order); inside a pod, the service account is used when this is unset.
+    #[arg(
+        long,
+        env = "KUBECONFIG",
+        value_name = "KUBECONFIG",
+        value_delimiter = ':'
+    )]
+    pub kubeconfig: Vec<PathBuf>,
+
+    /// Consecutive Kubernetes API failures that open its circuit breaker.
+    #[arg(long, env = "RDEV_KUBE_BREAKER_FAILURES", value_name = "RDEV_KUBE_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_breaker_failures: u32,
+
+    /// Seconds an open Kubernetes circuit breaker fails calls fast before it probes again.
+    #[arg(long, env = "RDEV_KUBE_BREAKER_OPEN_SECS", value_name = "RDEV_KUBE_BREAKER_OPEN_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub kube_breaker_open_secs: u64,
+
+    /// Seconds `POST /projects/{id}/pod/restart` waits for the replacement pod to be Ready.
+    #[arg(long, env = "RDEV_POD_RESTART_WAIT_SECS", value_name = "RDEV_POD_RESTART_WAIT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub pod_restart_wait_secs: u64,
+
     /// `json` (default) or `text`.
     #[arg(
         long,
@@ -241,6 +264,8 @@ impl Config {
         // `parse_from` still reads the environment for unset flags; a caller's bootstrap key
         // must not leak into an embedded server.
         config.bootstrap_admin_key = None;
+        // Nor may the caller's cluster: an embedded server talks to Kubernetes only when told.
+        config.kubeconfig = Vec::new();
         config
     }
 

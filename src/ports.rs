@@ -9,6 +9,7 @@ pub mod error;
 pub mod executor;
 pub mod metrics;
 pub mod output;
+pub mod pods;
 pub mod projects;
 pub mod secrets;
 
@@ -21,11 +22,12 @@ pub use commands::{
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
-pub use metrics::{CommandMetrics, HeapProfiler, OperatorMetrics};
+pub use metrics::{CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics};
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,
     Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
 };
+pub use pods::{PodError, PodManager, PodStatus};
 pub use projects::ProjectRepository;
 pub use secrets::SharedSecrets;
 

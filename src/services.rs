@@ -7,6 +7,7 @@ pub mod caller;
 pub mod commands;
 pub mod error;
 pub mod follow;
+pub mod pods;
 pub mod projects;
 pub mod recorder;
 pub mod worker;

@@ -354,7 +354,13 @@ async fn project_crud_and_validation(backend: Backend) {
     let Some(db) = TestDb::new(backend).await else {
         return;
     };
-    let server = TestServer::start(&db).await;
+    // Kube projects are accepted only where a Kubernetes API is configured (writing one does
+    // not call it).
+    let fake = fake_kube::FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&db);
+    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    let server = TestServer::start_with(config).await;
     let created = server
         .post(
             "/api/v1/projects",

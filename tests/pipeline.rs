@@ -301,49 +301,7 @@ async fn resume_with_last_event_id_is_exact(backend: Backend) {
     };
     let server = TestServer::start(&db).await;
     let project = server.create_project("chatty", json!({})).await;
-    let lines = 6000;
-    let id = server
-        .submit(
-            &project,
-            json!({"command": format!(
-                "i=1; while [ $i -le {lines} ]; do echo \"line $i\"; \
-                 if [ $((i % 1500)) -eq 0 ]; then sleep 0.3; fi; i=$((i+1)); done")}),
-        )
-        .await;
-    let expected: String = (1..=lines).map(|i| format!("line {i}\n")).collect();
-
-    // First connection: read a few output events and hang up mid-stream.
-    let mut first = server.events(&id, None).await;
-    let mut received = Vec::new();
-    while received.len() < 5 {
-        let event = tokio::time::timeout(Duration::from_secs(30), first.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if event.event == "output" {
-            received.push(event);
-        }
-    }
-    drop(first);
-    let last_id: i64 = received.last().unwrap().id.parse().unwrap();
-
-    // Second connection resumes after the last id it saw.
-    let rest = server.events_until_end(&id, Some(last_id)).await;
-    let resumed: Vec<_> = rest
-        .iter()
-        .filter(|e| e.event == "output")
-        .cloned()
-        .collect();
-    assert_eq!(
-        resumed.first().unwrap().id,
-        (last_id + 1).to_string(),
-        "no gap, no duplicate"
-    );
-    received.extend(resumed);
-    let ids: Vec<i64> = received.iter().map(|e| e.id.parse().unwrap()).collect();
-    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
-    assert_eq!(output_of(&received, "stdout"), expected);
-    assert_eq!(json_data(rest.last().unwrap())["status"], "succeeded");
+    let (id, ids) = server.check_exact_resume(&project, 6000).await;
 
     // Resuming from the middle after the end replays exactly the rest.
     let tail = server

@@ -26,11 +26,20 @@ async fn commands_see_none_of_the_servers_variables() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {
         return;
     };
+    // A kubeconfig the server can load (nothing listens there; nothing here contacts it).
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        kubeconfig.path(),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:9'}\n\
+         users:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+         current-context: x\n",
+    )
+    .unwrap();
     let process = ServerProcess::start(
         &db,
         &[
             ("OTEL_SERVICE_NAME", "rdev-secret-otel"),
-            ("KUBECONFIG", "/secret/kubeconfig"),
+            ("KUBECONFIG", kubeconfig.path().to_str().unwrap()),
             (
                 "RDEV_STREAM_TOKEN_SECRET",
                 "a-secret-the-command-must-not-see",

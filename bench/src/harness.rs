@@ -251,6 +251,25 @@ impl Server {
         Ok(response.bytes_stream().eventsource())
     }
 
+    /// Submits `command` and returns the milliseconds until its first SSE `output` event.
+    pub async fn submit_to_first_output(&self, project: &str, command: &str) -> Result<f64> {
+        use futures::StreamExt;
+        let started = std::time::Instant::now();
+        let id = self.submit(project, command).await?;
+        let mut events = self.events(&id).await?;
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+                .await
+                .context("no output within 30 s")?
+                .context("stream ended before output")??;
+            match event.event.as_str() {
+                "output" => return Ok(started.elapsed().as_secs_f64() * 1000.0),
+                "end" => bail!("the command ended without output: {}", event.data),
+                _ => {}
+            }
+        }
+    }
+
     pub fn rss_kib(&self) -> Result<u64> {
         status_kib(self.pid, "VmRSS:")
     }

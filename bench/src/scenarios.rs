@@ -9,6 +9,7 @@ use crate::harness::{Ctx, Row};
 
 mod graphile;
 mod http;
+mod kube;
 mod latency;
 mod output;
 mod queue;
@@ -28,4 +29,5 @@ pub const ALL: &[Scenario] = &[
     latency::SCENARIO,
     sse::SCENARIO,
     output::SCENARIO,
+    kube::SCENARIO,
 ];

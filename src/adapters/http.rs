@@ -7,6 +7,7 @@ pub mod commands;
 pub mod console;
 pub mod extract;
 pub mod ops;
+pub mod pods;
 pub mod problem;
 pub mod projects;
 
@@ -35,6 +36,7 @@ use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::commands::CommandService;
 use crate::services::follow::FollowService;
+use crate::services::pods::PodService;
 use crate::services::projects::ProjectService;
 
 pub use extract::ClientIpResolver;
@@ -74,6 +76,7 @@ pub struct Services {
     pub audit: Arc<AuditService>,
     pub commands: Arc<CommandService>,
     pub follow: Arc<FollowService>,
+    pub pods: Arc<PodService>,
     pub metrics: Arc<dyn OperatorMetrics>,
     pub profiler: Arc<dyn HeapProfiler>,
     pub client_ip: Arc<ClientIpResolver>,
@@ -117,6 +120,7 @@ pub fn router(state: AppState) -> Router {
             OpenApiRouter::new()
                 .merge(api_keys::routes())
                 .merge(projects::routes())
+                .merge(pods::routes())
                 .merge(commands::routes())
                 .merge(audit::routes()),
         )

@@ -15,18 +15,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use bytes::Bytes;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use super::pipe::pump;
 use crate::domain::command::OutputStream;
 use crate::ports::{ExecRequest, Execution, Executor, PortError};
 
 /// Pieces of output buffered between the pipes and the consumer; when full, the readers stop
 /// reading and the process blocks on its writes.
 const PIPE_BACKLOG: usize = 16;
-const READ_SIZE: usize = 8 * 1024;
 /// How long output is still read after the shell exited, from descendants outside its group.
 const PIPE_GRACE_AFTER_EXIT: Duration = Duration::from_secs(2);
 
@@ -237,25 +236,6 @@ fn signal_tree(tree: &[ProcStat], signal: libc::c_int) {
             // SAFETY: kill(2) on a pid just checked to be the same process; no memory is involved.
             unsafe {
                 libc::kill(process.pid, signal);
-            }
-        }
-    }
-}
-
-async fn pump(
-    mut pipe: impl AsyncRead + Unpin,
-    stream: OutputStream,
-    tx: mpsc::Sender<(OutputStream, Bytes)>,
-) {
-    let mut buffer = BytesMut::with_capacity(READ_SIZE);
-    loop {
-        buffer.reserve(READ_SIZE);
-        match pipe.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if tx.send((stream, buffer.split().freeze())).await.is_err() {
-                    return;
-                }
             }
         }
     }

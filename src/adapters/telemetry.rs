@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +13,10 @@ use crate::domain::audit::AuditHead;
 use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
-use crate::ports::{AuditHeads, CommandMetrics, HeapProfiler, OperatorMetrics, PortError};
+use crate::ports::{
+    AuditHeads, CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics,
+    PortError,
+};
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
 pub fn init_logging(json: bool) {
@@ -44,6 +47,7 @@ pub struct Metrics {
     command_duration: HistogramVec,
     output_bytes: IntCounter,
     audit_head: IntGauge,
+    circuit_state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -79,6 +83,14 @@ impl Metrics {
             "command_output_bytes_total",
             "Output bytes produced by commands",
         )?;
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "circuit_breaker_state",
+                "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open",
+            ),
+            &["target"],
+        )?;
+        registry.register(Box::new(circuit_state.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(sse_active.clone()))?;
@@ -105,6 +117,7 @@ impl Metrics {
             command_duration,
             output_bytes,
             audit_head,
+            circuit_state,
         })
     }
 }
@@ -164,6 +177,14 @@ impl HeapProfiler for JemallocProfiler {
             .await
             .map_err(PortError::backend)?
             .map_err(|e| PortError::backend(e.to_string()))
+    }
+}
+
+impl CircuitMetrics for Metrics {
+    fn circuit_state(&self, target: &'static str, state: CircuitState) {
+        self.circuit_state
+            .with_label_values(&[target])
+            .set(state.gauge_value());
     }
 }
 

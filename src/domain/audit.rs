@@ -361,6 +361,7 @@ pub mod action {
     pub const COMMAND_SUBMITTED: &str = "command.submitted";
     pub const COMMAND_CANCEL_REQUESTED: &str = "command.cancel_requested";
     pub const COMMAND_FINISHED: &str = "command.finished";
+    pub const POD_RESTARTED: &str = "pod.restarted";
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{Page, PortError};
-use crate::domain::audit::{AuditEvent, AuditHead, ChainReport, ExpectedHead};
+use crate::domain::audit::{AuditEvent, AuditHead, ChainReport, ExpectedHead, NewAuditEvent};
 use crate::domain::ids::ApiKeyId;
 
 #[derive(Debug, Clone, Default)]
@@ -21,6 +21,9 @@ pub struct AuditFilter {
 
 #[async_trait]
 pub trait AuditLog: Send + Sync {
+    /// Appends an event that has no other change to go with (a pod restart happens outside the
+    /// database).
+    async fn append(&self, event: NewAuditEvent) -> Result<(), PortError>;
     /// Newest first.
     async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError>;
     /// Walks the whole chain.

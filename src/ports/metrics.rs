@@ -15,6 +15,32 @@ pub trait CommandMetrics: Send + Sync {
     fn stream_closed(&self);
 }
 
+/// Where a circuit breaker stands; the gauge shows the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Calls go through (gauge 0).
+    Closed,
+    /// Calls fail fast (gauge 1).
+    Open,
+    /// One probe call is let through to test the backend (gauge 2).
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub fn gauge_value(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        }
+    }
+}
+
+/// `rdev_circuit_breaker_state{target}`.
+pub trait CircuitMetrics: Send + Sync {
+    fn circuit_state(&self, target: &'static str, state: CircuitState);
+}
+
 /// What operators scrape: request counters, queue depth, and the exposition text.
 pub trait OperatorMetrics: Send + Sync {
     fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration);

@@ -2,7 +2,7 @@
 
 use crate::domain::api_key::{KeyRejection, Scope};
 use crate::domain::{DomainError, FieldError};
-use crate::ports::PortError;
+use crate::ports::{PodError, PortError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -24,6 +24,12 @@ pub enum ServiceError {
     QueueFull { queued: u64, retry_after_secs: u64 },
     #[error("too many open event streams")]
     TooManyStreams,
+    #[error(
+        "no Kubernetes API is configured on this server (in-cluster service account or KUBECONFIG)"
+    )]
+    KubeNotConfigured,
+    #[error(transparent)]
+    Pod(PodError),
     #[error("a backend is unavailable")]
     Unavailable(#[source] PortError),
     #[error("internal error")]

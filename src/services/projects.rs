@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::domain::Validation;
 use crate::domain::api_key::Scope;
 use crate::domain::audit::{NewAuditEvent, action};
 use crate::domain::ids::ProjectId;
@@ -43,6 +44,9 @@ pub struct ProjectService {
     projects: Arc<dyn ProjectRepository>,
     clock: Arc<dyn Clock>,
     default_executor: ExecutorKind,
+    /// Whether this server can reach a Kubernetes API; without one, kube projects are refused
+    /// when written rather than failing at every command.
+    kube_available: bool,
 }
 
 impl ProjectService {
@@ -55,7 +59,26 @@ impl ProjectService {
             projects,
             clock,
             default_executor,
+            kube_available: true,
         }
+    }
+
+    /// Declares whether a Kubernetes API is configured (it is assumed so by default).
+    pub fn with_kube_available(mut self, available: bool) -> Self {
+        self.kube_available = available;
+        self
+    }
+
+    fn check_executor_available(&self, project: &Project) -> Result<(), ServiceError> {
+        if project.executor == ExecutorKind::Kube && !self.kube_available {
+            let mut v = Validation::new();
+            v.fail(
+                "/executor",
+                "no Kubernetes API is configured on this server: run it in a cluster (service account) or set KUBECONFIG, or use executor `local`",
+            );
+            v.finish()?;
+        }
+        Ok(())
     }
 
     /// The executor of projects that do not name one (`RDEV_EXECUTOR`).
@@ -81,6 +104,7 @@ impl ProjectService {
             updated_at: now,
         };
         project.check_consistency()?;
+        self.check_executor_available(&project)?;
         let audit = self.audit(caller, action::PROJECT_CREATED, &project);
         self.projects
             .insert(&project, audit)
@@ -134,6 +158,7 @@ impl ProjectService {
         project.executor = executor.unwrap_or(project.executor);
         project.updated_at = self.clock.now();
         project.check_consistency()?;
+        self.check_executor_available(&project)?;
         let audit = self.audit(caller, action::PROJECT_UPDATED, &project);
         self.projects
             .update(&project, audit)

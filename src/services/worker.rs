@@ -545,7 +545,14 @@ impl WorkerPool {
         let progress = recorder.finish().await;
         match exit {
             Ok(code) => self.outcome(code, stopped_by, None, progress),
-            Err(error) => self.outcome(None, stopped_by, Some(error.to_string()), progress),
+            // The executor lost track of the process (its pod vanished, its stream broke): how
+            // it ended is unknown, which is what `lost` means.
+            Err(error @ PortError::Unavailable(_)) => {
+                tracing::warn!(command = %id, error = %with_causes(&error), "lost track of the command");
+                let reason = stopped_by.or(Some(TerminationReason::Lost));
+                self.outcome(None, reason, Some(with_causes(&error)), progress)
+            }
+            Err(error) => self.outcome(None, stopped_by, Some(with_causes(&error)), progress),
         }
     }
 

@@ -424,6 +424,56 @@ impl TestServer {
         )
     }
 
+    /// Runs a chatty command, hangs up after a few output events, resumes with
+    /// `Last-Event-ID`, and checks that nothing was lost or repeated; returns the command id and
+    /// the output event ids seen.
+    pub async fn check_exact_resume(&self, project: &str, lines: usize) -> (String, Vec<i64>) {
+        let id = self
+            .submit(
+                project,
+                json!({"command": format!(
+                    "i=1; while [ $i -le {lines} ]; do echo \"line $i\"; \
+                     if [ $((i % 1500)) -eq 0 ]; then sleep 0.3; fi; i=$((i+1)); done")}),
+            )
+            .await;
+        let expected: String = (1..=lines).map(|i| format!("line {i}\n")).collect();
+
+        // First connection: read a few output events and hang up mid-stream.
+        let mut first = self.events(&id, None).await;
+        let mut received = Vec::new();
+        while received.len() < 5 {
+            let event = tokio::time::timeout(Duration::from_secs(30), first.next())
+                .await
+                .unwrap()
+                .unwrap();
+            if event.event == "output" {
+                received.push(event);
+            }
+        }
+        drop(first);
+        let last_id: i64 = received.last().unwrap().id.parse().unwrap();
+
+        // Second connection resumes after the last id it saw.
+        let rest = self.events_until_end(&id, Some(last_id)).await;
+        let resumed: Vec<_> = rest
+            .iter()
+            .filter(|e| e.event == "output")
+            .cloned()
+            .collect();
+        assert_eq!(
+            resumed.first().unwrap().id,
+            (last_id + 1).to_string(),
+            "no gap, no duplicate"
+        );
+        received.extend(resumed);
+        let ids: Vec<i64> = received.iter().map(|e| e.id.parse().unwrap()).collect();
+        assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
+        assert_eq!(output_of(&received, "stdout"), expected);
+        let end: Value = serde_json::from_str(&rest.last().unwrap().data).unwrap();
+        assert_eq!(end["status"], "succeeded");
+        (id, ids)
+    }
+
     /// Reads a stream up to and including the `end` event.
     pub async fn events_until_end(&self, id: &str, last_event_id: Option<i64>) -> Vec<Event> {
         let mut stream = self.events(id, last_event_id).await;

@@ -1,10 +1,9 @@
 //! Scenario 3: submit -> first output byte over SSE on an idle server with the local executor,
 //! on both backends; the anchor is graphile-worker's add_job -> task start on the same Postgres.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use futures::StreamExt;
+use anyhow::Result;
 
 use super::{Scenario, graphile};
 use crate::harness::{Ctx, PgDb, Row, Server, SqliteDb, percentile};
@@ -21,23 +20,11 @@ async fn samples(ctx: &Ctx, database_url: String, count: usize) -> Result<Vec<f6
     let project = server.project("latency", 4).await?;
     let mut measured = Vec::with_capacity(count);
     for index in 0..count + 5 {
-        let started = Instant::now();
-        let id = server.submit(&project, "echo x").await?;
-        let mut events = server.events(&id).await?;
-        loop {
-            let event = tokio::time::timeout(Duration::from_secs(30), events.next())
-                .await
-                .context("no output within 30 s")?
-                .context("stream ended before output")??;
-            if event.event == "output" {
-                break;
-            }
-        }
+        let elapsed = server.submit_to_first_output(&project, "echo x").await?;
         // The first five warm up connections and caches.
         if index >= 5 {
-            measured.push(started.elapsed().as_secs_f64() * 1000.0);
+            measured.push(elapsed);
         }
-        drop(events);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.stop().await;

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::domain::FieldError;
 use crate::domain::api_key::KeyRejection;
+use crate::ports::PodError;
 use crate::services::ServiceError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -114,6 +115,12 @@ fn service_shape(error: &ServiceError) -> Shape {
             "too-many-streams",
             "Too many event streams",
         ),
+        ServiceError::KubeNotConfigured => shape(
+            StatusCode::CONFLICT,
+            "kube-not-configured",
+            "Kubernetes not configured",
+        ),
+        ServiceError::Pod(error) => pod_shape(error),
         ServiceError::Unavailable(_) => shape(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -123,6 +130,39 @@ fn service_shape(error: &ServiceError) -> Shape {
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "Internal error",
+        ),
+    }
+}
+
+fn pod_shape(error: &PodError) -> Shape {
+    match error {
+        PodError::PodNotFound { .. } | PodError::NoPodMatches { .. } => {
+            shape(StatusCode::NOT_FOUND, "pod-not-found", "Pod not found")
+        }
+        PodError::NotReady { .. }
+        | PodError::NoReadyPod { .. }
+        | PodError::RestartTimedOut { .. } => {
+            shape(StatusCode::CONFLICT, "pod-not-ready", "Pod not ready")
+        }
+        PodError::ContainerNotFound { .. } => shape(
+            StatusCode::NOT_FOUND,
+            "container-not-found",
+            "Container not found",
+        ),
+        PodError::Forbidden(_) => shape(
+            StatusCode::FORBIDDEN,
+            "kube-forbidden",
+            "Kubernetes API refused access",
+        ),
+        PodError::Unavailable(_) => shape(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kube-unavailable",
+            "Kubernetes API unavailable",
+        ),
+        PodError::Backend(_) => shape(
+            StatusCode::BAD_GATEWAY,
+            "kube-error",
+            "Kubernetes API error",
         ),
     }
 }
@@ -180,8 +220,13 @@ impl IntoResponse for ApiError {
         let server_side = status.is_server_error()
             && !matches!(
                 self,
-                ApiError::Service(ServiceError::QueueFull { .. } | ServiceError::TooManyStreams)
-                    | ApiError::NotReady(_)
+                ApiError::Service(
+                    ServiceError::QueueFull { .. }
+                        | ServiceError::TooManyStreams
+                        // Our own words (the breaker is open, the API is unreachable): they tell
+                        // the caller what to expect.
+                        | ServiceError::Pod(PodError::Unavailable(_))
+                ) | ApiError::NotReady(_)
             );
         // A 5xx never carries driver text; the cause goes to the log instead.
         let detail = if server_side {
@@ -217,7 +262,11 @@ impl IntoResponse for ApiError {
             }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::Service(ServiceError::TooManyStreams | ServiceError::Unavailable(_)) => {
+            ApiError::Service(
+                ServiceError::TooManyStreams
+                | ServiceError::Unavailable(_)
+                | ServiceError::Pod(PodError::Unavailable(_)),
+            ) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             ApiError::Service(ServiceError::Unauthenticated(_))

@@ -123,6 +123,12 @@ impl PgAuditLog {
 
 #[async_trait]
 impl AuditLog for PgAuditLog {
+    async fn append(&self, event: NewAuditEvent) -> Result<(), PortError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let head = append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
+    }
+
     async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError> {
         let rows = sqlx::query(&format!(
             "SELECT {AUDIT_COLUMNS} FROM audit_log \

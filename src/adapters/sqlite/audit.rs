@@ -111,6 +111,12 @@ impl SqliteAuditLog {
 
 #[async_trait]
 impl AuditLog for SqliteAuditLog {
+    async fn append(&self, event: NewAuditEvent) -> Result<(), PortError> {
+        let mut tx = self.db.begin().await?;
+        let head = append(&mut tx, &[event], &self.sealing.key).await?;
+        self.sealing.commit(tx, head).await
+    }
+
     async fn list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>, PortError> {
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE 1 = 1"
