@@ -305,3 +305,37 @@ async fn a_deleted_audit_tail_fails_verification_against_the_published_head() {
     assert_eq!(against_head["first_broken_seq"], head_seq);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_are_counted_by_reason() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let (id, revoked) = server
+        .create_key(json!({"name": "soon revoked", "scopes": ["read"]}))
+        .await;
+    server
+        .delete(&format!("/api/v1/api-keys/{id}"), ADMIN_KEY)
+        .await;
+    for key in [
+        "rdev_nosuchky_0123456789abcdefghijklmnopqrstuv",
+        "not even a key",
+        revoked.as_str(),
+    ] {
+        assert_eq!(server.get("/api/v1/me", key).await.status(), 401);
+    }
+    let anonymous = server
+        .client
+        .get(server.url("/api/v1/me"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let metrics = server.metrics().await;
+    for (reason, count) in [("invalid", 2), ("revoked", 1), ("missing", 1)] {
+        let line = format!("rdev_auth_failures_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    server.stop().await;
+}

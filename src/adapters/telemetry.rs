@@ -47,6 +47,7 @@ pub struct Metrics {
     command_duration: HistogramVec,
     output_bytes: IntCounter,
     audit_head: IntGauge,
+    auth_failures: IntCounterVec,
     circuit_state: IntGaugeVec,
 }
 
@@ -103,6 +104,14 @@ impl Metrics {
             "Sequence number of the audit chain's last entry this replica wrote",
         )?;
         registry.register(Box::new(audit_head.clone()))?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "auth_failures_total",
+                "Requests refused for their API key, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -117,6 +126,7 @@ impl Metrics {
             command_duration,
             output_bytes,
             audit_head,
+            auth_failures,
             circuit_state,
         })
     }
@@ -145,6 +155,10 @@ impl OperatorMetrics for Metrics {
 
     fn set_commands_queued(&self, queued: u64) {
         self.commands_queued.set(queued as i64);
+    }
+
+    fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
     }
 
     fn render(&self) -> String {

@@ -273,6 +273,19 @@ pub enum KeyRejection {
     AddressNotAllowed,
 }
 
+impl KeyRejection {
+    /// A short, fixed name (a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRejection::Missing => "missing",
+            KeyRejection::Invalid => "invalid",
+            KeyRejection::Expired => "expired",
+            KeyRejection::Revoked => "revoked",
+            KeyRejection::AddressNotAllowed => "address_not_allowed",
+        }
+    }
+}
+
 impl ApiKey {
     /// Checks a presented key against this stored one, at `now`, from `client`.
     pub fn admit(

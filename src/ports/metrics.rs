@@ -45,6 +45,8 @@ pub trait CircuitMetrics: Send + Sync {
 pub trait OperatorMetrics: Send + Sync {
     fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration);
     fn set_commands_queued(&self, queued: u64);
+    /// A request presented no key or one that was refused (`reason`: a fixed name).
+    fn auth_failure(&self, reason: &'static str);
     /// The Prometheus text exposition format.
     fn render(&self) -> String;
 }
