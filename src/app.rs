@@ -339,6 +339,7 @@ pub async fn build_with_clock(
         },
         SubmitLimits {
             max_queued: config.max_queued,
+            max_queued_per_project: config.max_queued_per_project,
         },
     ));
     let token_secret = match &config.stream_token_secret {

@@ -125,6 +125,16 @@ pub struct Config {
     )]
     pub max_queued: u64,
 
+    /// Queued commands of one project before its submissions are refused with 503, so one
+    /// project cannot fill the shared queue.
+    #[arg(
+        long,
+        env = "RDEV_MAX_QUEUED_PER_PROJECT",
+        value_name = "RDEV_MAX_QUEUED_PER_PROJECT",
+        default_value_t = 1_000
+    )]
+    pub max_queued_per_project: u64,
+
     /// Seconds between SIGTERM and SIGKILL when a command is stopped.
     #[arg(
         long,

@@ -196,6 +196,7 @@ impl Stores {
                 audit: event,
                 idempotency,
                 max_queued: 1000,
+                max_queued_per_project: 1000,
             })
             .await
     }
@@ -298,6 +299,7 @@ contract!(
     a_project_with_active_commands_cannot_be_deleted,
     the_audit_chain_covers_every_write_and_pages_newest_first,
     a_chain_from_before_the_key_is_moved_onto_it_once,
+    one_project_cannot_fill_the_shared_queue,
 );
 
 async fn claims_take_the_best_priority_across_projects(s: Stores) {
@@ -624,4 +626,38 @@ async fn a_chain_from_before_the_key_is_moved_onto_it_once(s: Stores) {
     // Once moved, a reopened server does not touch the chain again.
     let again = s.reopened_audit_log().await;
     assert_eq!(again.verify(None).await.unwrap().first_broken, None);
+}
+
+async fn one_project_cannot_fill_the_shared_queue(s: Stores) {
+    let busy = s.project("busy", 1).await;
+    let quiet = s.project("quiet", 1).await;
+    let submit = |project| {
+        let command = s.command(project, Priority::Normal, "c");
+        let audit = s.event(action::COMMAND_SUBMITTED, command.id.to_string());
+        s.commands.submit(Submission {
+            command,
+            audit,
+            idempotency: None,
+            max_queued: 3,
+            max_queued_per_project: 2,
+        })
+    };
+    for _ in 0..2 {
+        assert!(matches!(
+            submit(busy).await.unwrap(),
+            SubmitOutcome::Created(_)
+        ));
+    }
+    assert!(matches!(
+        submit(busy).await.unwrap(),
+        SubmitOutcome::ProjectQueueFull { queued: 2 }
+    ));
+    assert!(matches!(
+        submit(quiet).await.unwrap(),
+        SubmitOutcome::Created(_)
+    ));
+    assert!(matches!(
+        submit(quiet).await.unwrap(),
+        SubmitOutcome::QueueFull { queued: 3 }
+    ));
 }

@@ -18,6 +18,8 @@ pub struct Submission {
     pub idempotency: Option<IdempotencyKey>,
     /// Refuse (`SubmitOutcome::QueueFull`) when this many commands are already queued.
     pub max_queued: u64,
+    /// Refuse (`SubmitOutcome::ProjectQueueFull`) when the project has this many queued.
+    pub max_queued_per_project: u64,
 }
 
 /// A client-chosen key that makes a repeated submit return the first command.
@@ -37,6 +39,9 @@ pub enum SubmitOutcome {
     /// The idempotency key was seen before with the same request.
     Existing(Command),
     QueueFull {
+        queued: u64,
+    },
+    ProjectQueueFull {
         queued: u64,
     },
 }

@@ -47,6 +47,7 @@ pub struct QueuedCommand {
 #[derive(Debug, Clone, Copy)]
 pub struct SubmitLimits {
     pub max_queued: u64,
+    pub max_queued_per_project: u64,
 }
 
 pub struct CommandService {
@@ -157,6 +158,7 @@ impl CommandService {
             audit,
             idempotency,
             max_queued: self.limits.max_queued,
+            max_queued_per_project: self.limits.max_queued_per_project,
         };
         let (command, created) = match self.commands.submit(submission).await? {
             SubmitOutcome::Created(command) => (command, true),
@@ -165,6 +167,14 @@ impl CommandService {
                 return Err(ServiceError::QueueFull {
                     queued,
                     retry_after_secs: 5,
+                    limit: "RDEV_MAX_QUEUED",
+                });
+            }
+            SubmitOutcome::ProjectQueueFull { queued } => {
+                return Err(ServiceError::QueueFull {
+                    queued,
+                    retry_after_secs: 5,
+                    limit: "RDEV_MAX_QUEUED_PER_PROJECT",
                 });
             }
         };

@@ -20,8 +20,13 @@ pub enum ServiceError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
-    #[error("the queue is full ({queued} commands waiting)")]
-    QueueFull { queued: u64, retry_after_secs: u64 },
+    #[error("the queue is full ({queued} commands waiting; {limit})")]
+    QueueFull {
+        queued: u64,
+        retry_after_secs: u64,
+        /// The setting that was reached.
+        limit: &'static str,
+    },
     #[error("too many open event streams")]
     TooManyStreams,
     #[error(

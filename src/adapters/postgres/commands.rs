@@ -42,6 +42,7 @@ impl CommandStore for PgCommandStore {
             audit: event,
             idempotency,
             max_queued,
+            max_queued_per_project,
         } = submission;
         let mut tx = self.pool.begin().await.map_err(db)?;
         if let Some(idem) = &idempotency {
@@ -73,11 +74,12 @@ impl CommandStore for PgCommandStore {
                     .map(SubmitOutcome::Existing);
             }
         }
-        // The queue limit is checked by the insert itself: one round trip on the submit path.
+        // The queue limits are checked by the insert itself: one round trip on the submit path.
         let inserted = sqlx::query(
             "INSERT INTO commands (id, project_id, command, env, priority, timeout_secs, status, \
              submitted_by, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
-             WHERE (SELECT COUNT(*) FROM commands WHERE status = 'queued') < $10",
+             WHERE (SELECT COUNT(*) FROM commands WHERE status = 'queued') < $10 \
+               AND (SELECT COUNT(*) FROM commands WHERE status = 'queued' AND project_id = $2) < $11",
         )
         .bind(command.id.as_uuid())
         .bind(command.project_id.as_uuid())
@@ -89,17 +91,27 @@ impl CommandStore for PgCommandStore {
         .bind(command.submitted_by.map(|k| k.as_uuid()))
         .bind(command.created_at)
         .bind(i64::try_from(max_queued).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max_queued_per_project).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await
         .map_err(|e| translate(e, "a command with this id"))?;
         if inserted.rows_affected() == 0 {
-            let queued: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM commands WHERE status = 'queued'")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            return Ok(SubmitOutcome::QueueFull {
-                queued: queued as u64,
+            let (queued, in_project): (i64, i64) = sqlx::query_as(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE project_id = $1) FROM commands \
+                 WHERE status = 'queued'",
+            )
+            .bind(command.project_id.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            return Ok(if queued as u64 >= max_queued {
+                SubmitOutcome::QueueFull {
+                    queued: queued as u64,
+                }
+            } else {
+                SubmitOutcome::ProjectQueueFull {
+                    queued: in_project as u64,
+                }
             });
         }
         if let Some(idem) = &idempotency {

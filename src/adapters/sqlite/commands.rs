@@ -38,6 +38,7 @@ impl CommandStore for SqliteCommandStore {
             audit: event,
             idempotency,
             max_queued,
+            max_queued_per_project,
         } = submission;
         let mut tx = self.db.begin().await?;
         if let Some(idem) = &idempotency {
@@ -70,14 +71,21 @@ impl CommandStore for SqliteCommandStore {
                     .map(SubmitOutcome::Existing);
             }
         }
-        let queued: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM commands WHERE status = 'queued'")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
+        let (queued, in_project): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(project_id = $1), 0) FROM commands WHERE status = 'queued'",
+        )
+        .bind(command.project_id.as_uuid())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
         if queued as u64 >= max_queued {
             return Ok(SubmitOutcome::QueueFull {
                 queued: queued as u64,
+            });
+        }
+        if in_project as u64 >= max_queued_per_project {
+            return Ok(SubmitOutcome::ProjectQueueFull {
+                queued: in_project as u64,
             });
         }
         sqlx::query(
