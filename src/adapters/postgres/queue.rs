@@ -67,10 +67,11 @@ fn micros(duration: Duration) -> i64 {
 
 #[async_trait]
 impl CommandQueue for PgCommandQueue {
-    /// One statement: lock the rows of projects that have queued work and free slots (in id
-    /// order), take each one's best `free` queued commands, then keep the best `limit` across
-    /// projects by priority, then by how many the project would have running (fewest first:
-    /// projects with a backlog share the workers round robin), then by age.
+    /// One statement: lock the rows of projects with free slots (in id order), take each one's
+    /// best `free` queued commands, then keep the best `limit` across projects by priority, then
+    /// by how many the project would have running (fewest first: projects with a backlog share
+    /// the workers round robin), then by age. A project with nothing queued simply yields no
+    /// candidate: asking `EXISTS` of each one scanned the table past every finished command.
     async fn claim(
         &self,
         owner: &str,
@@ -83,7 +84,6 @@ impl CommandQueue for PgCommandQueue {
                         LEAST(p.max_concurrency - p.running_commands, $1) AS free \
                  FROM projects p \
                  WHERE p.running_commands < p.max_concurrency \
-                   AND EXISTS (SELECT 1 FROM commands c WHERE c.project_id = p.id AND c.status = 'queued') \
                  ORDER BY p.id \
                  FOR NO KEY UPDATE OF p \
              ), candidates AS ( \
