@@ -143,17 +143,16 @@ impl WorkerPool {
     /// replica claims nothing, and queued commands wait for the others); then lets running
     /// commands finish for the drain period and stops the rest (reason `shutdown`).
     pub async fn run(self: Arc<Self>, draining: CancellationToken) {
-        let shutdown = draining;
         let stop_running = CancellationToken::new();
         let (finish_tx, finish_rx) = mpsc::channel(MAX_FINISH_BATCH * 2);
         let finisher = tokio::spawn(self.clone().finish_loop(finish_rx));
-        let reaper = tokio::spawn(self.clone().reap_loop(shutdown.clone()));
+        let reaper = tokio::spawn(self.clone().reap_loop(draining.clone()));
         let slots = Arc::new(Semaphore::new(self.settings.workers));
         let mut running = JoinSet::new();
         loop {
             while running.try_join_next().is_some() {}
             let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = draining.cancelled() => break,
                 permit = slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
@@ -193,7 +192,7 @@ impl WorkerPool {
                 Ok(_) => {
                     drop(permits);
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = draining.cancelled() => break,
                         _ = self.ports.work.wait(self.settings.poll_interval) => {}
                     }
                 }
@@ -201,7 +200,7 @@ impl WorkerPool {
                     drop(permits);
                     tracing::warn!(error = %error, "claiming failed; backing off");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = draining.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
