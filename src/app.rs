@@ -29,6 +29,7 @@ use crate::ports::{
 use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
+use crate::services::auth_failures::FailedAuthentications;
 use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimits};
 use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
 use crate::services::pods::{PodService, PodServicePorts};
@@ -41,6 +42,8 @@ const STREAM_TOKEN_SECRET: &str = "stream_token";
 const FOLLOWER_STORE_RECHECK: Duration = Duration::from_secs(5);
 /// How often batched `last_used_at` updates are written.
 const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// Refused authentications are audited once a minute per client address and key prefix.
+const AUTH_FAILURE_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -243,6 +246,9 @@ impl App {
         if let Err(error) = keys.flush_usage().await {
             tracing::warn!(%error, "could not write key usage at shutdown");
         }
+        if let Err(error) = keys.flush_failures().await {
+            tracing::warn!(%error, "could not audit refused keys at shutdown");
+        }
         storage.close().await;
         tracing::info!("shut down");
         served.map_err(StartupError::Serve)
@@ -250,6 +256,7 @@ impl App {
 }
 
 async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: CancellationToken) {
+    let mut failures_flushed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -257,6 +264,12 @@ async fn flush_usage_periodically(keys: Arc<ApiKeyService>, shutdown: Cancellati
         }
         if let Err(error) = keys.flush_usage().await {
             tracing::warn!(%error, "could not write key usage");
+        }
+        if failures_flushed.elapsed() >= AUTH_FAILURE_FLUSH_INTERVAL {
+            failures_flushed = tokio::time::Instant::now();
+            if let Err(error) = keys.flush_failures().await {
+                tracing::warn!(%error, "could not audit refused keys");
+            }
         }
     }
 }
@@ -321,7 +334,11 @@ pub async fn build_with_clock(
     let projects_repo: Arc<dyn ProjectRepository> = cached_projects;
     let work: Arc<dyn WorkSignal> = bus;
 
-    let keys = Arc::new(ApiKeyService::new(keys_repo, clock.clone()));
+    let keys = Arc::new(
+        ApiKeyService::new(keys_repo, clock.clone()).with_failure_audit(
+            FailedAuthentications::new(ports.audit.clone(), clock.clone()),
+        ),
+    );
     let bootstrap_key = keys
         .bootstrap(config.bootstrap_admin_key.as_ref().map(|s| s.expose()))
         .await

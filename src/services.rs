@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod auth_failures;
 pub mod caller;
 pub mod commands;
 pub mod error;

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
+use super::audit::ChangedFields;
 use super::ids::{ApiKeyId, ProjectId};
 use super::validation::Rule;
 
@@ -191,6 +193,21 @@ pub struct PresentedKey {
     prefix_end: usize,
 }
 
+/// The public part of a presented key (`rdev_<prefix>_<secret>`), for logs and audit rows;
+/// anything not shaped like a key shows as `?`, so a secret pasted into the wrong place is not
+/// recorded.
+pub fn loggable_prefix(presented: &str) -> &str {
+    let mut parts = presented.splitn(3, '_');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("rdev"), Some(prefix), Some(_))
+            if prefix.len() <= 16 && prefix.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
+            prefix
+        }
+        _ => "?",
+    }
+}
+
 impl PresentedKey {
     pub fn parse(raw: &str) -> Result<Self, Rule> {
         let rest = raw
@@ -256,6 +273,27 @@ pub struct ApiKey {
     pub expires_at: Option<OffsetDateTime>,
     pub revoked_at: Option<OffsetDateTime>,
     pub last_used_at: Option<OffsetDateTime>,
+}
+
+impl ApiKey {
+    /// Every field an update changed, with its new value.
+    pub fn changes_since(&self, before: &ApiKey) -> ChangedFields {
+        let mut changed = ChangedFields::default();
+        changed.field("name", &before.name, &self.name, |v| v.as_str().into());
+        changed.field("scopes", &before.scopes, &self.scopes, |v| {
+            v.to_csv().into()
+        });
+        changed.field("allowed_ips", &before.allowed_ips, &self.allowed_ips, |v| {
+            v.as_slice().iter().map(ToString::to_string).collect()
+        });
+        changed.field("project_ids", &before.project_ids, &self.project_ids, |v| {
+            v.iter().map(ToString::to_string).collect()
+        });
+        changed.field("expires_at", &before.expires_at, &self.expires_at, |v| {
+            v.and_then(|at| at.format(&Rfc3339).ok()).into()
+        });
+        changed
+    }
 }
 
 /// Why a presented key was not accepted.
@@ -329,6 +367,17 @@ impl ApiKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_public_prefix_of_a_presented_key_is_logged() {
+        assert_eq!(
+            loggable_prefix("rdev_abc12345_secretsecretsecret"),
+            "abc12345"
+        );
+        assert_eq!(loggable_prefix("a pasted password"), "?");
+        assert_eq!(loggable_prefix("rdev_has space_x"), "?");
+        assert_eq!(loggable_prefix("rdev_nosecret"), "?");
+    }
     use time::Duration;
 
     fn key_with(allowed: &[&str]) -> (ApiKey, PresentedKey) {

@@ -39,6 +39,34 @@ pub struct AuditHead {
 }
 
 /// The `prev_hash` of the first event.
+/// The fields an update changed and their new values, recorded in its audit row so the log
+/// says what happened, not only that something did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangedFields(serde_json::Map<String, Value>);
+
+impl ChangedFields {
+    /// Records `name` with `show(after)` when the value differs.
+    pub fn field<T: PartialEq>(
+        &mut self,
+        name: &str,
+        before: &T,
+        after: &T,
+        show: impl FnOnce(&T) -> Value,
+    ) {
+        if before != after {
+            self.insert(name, show(after));
+        }
+    }
+
+    pub fn insert(&mut self, name: &str, value: Value) {
+        self.0.insert(name.to_owned(), value);
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::Object(self.0)
+    }
+}
+
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Who did something, from where, in which request. Every audited change carries one.
@@ -57,17 +85,19 @@ impl AuditContext {
     }
 }
 
-/// Whether the audited action took effect. Only changes that took effect are recorded today;
-/// the column exists so that refused attempts can be recorded without a schema change.
+/// Whether the audited action took effect: changes are recorded as `success`, refused
+/// authentications as `denied`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
+    Denied,
 }
 
 impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
+            Outcome::Denied => "denied",
         }
     }
 }
@@ -352,6 +382,9 @@ impl ChainVerifier {
 /// Action names, stable because clients filter on them.
 pub mod action {
     pub const API_KEY_CREATED: &str = "api_key.created";
+    /// Refused authentications from one client address with one key prefix, coalesced per
+    /// minute.
+    pub const AUTH_FAILED: &str = "auth.failed";
     pub const API_KEY_UPDATED: &str = "api_key.updated";
     pub const API_KEY_REVOKED: &str = "api_key.revoked";
     pub const API_KEY_ROTATED: &str = "api_key.rotated";

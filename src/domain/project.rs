@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::DomainError;
+use super::audit::ChangedFields;
 use super::ids::ProjectId;
 use super::validation::{Rule, Validation};
 
@@ -214,6 +215,25 @@ impl EnvVars {
         self.0.is_empty()
     }
 
+    /// What an update did, by name only (values can be credentials): `set` names are new or
+    /// have a new value, `removed` names are gone. `None` when nothing changed.
+    pub fn changed_names(&self, after: &EnvVars) -> Option<serde_json::Value> {
+        let set: Vec<&str> = after
+            .0
+            .iter()
+            .filter(|(name, value)| self.0.get(*name) != Some(*value))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let removed: Vec<&str> = self
+            .0
+            .keys()
+            .filter(|name| !after.0.contains_key(*name))
+            .map(EnvVarName::as_str)
+            .collect();
+        (!set.is_empty() || !removed.is_empty())
+            .then(|| serde_json::json!({"set": set, "removed": removed}))
+    }
+
     /// The stored form, a JSON object.
     pub fn to_json(&self) -> String {
         let map: BTreeMap<&str, &str> = self.iter().collect();
@@ -276,6 +296,21 @@ pub struct KubeTarget {
     pub container: Option<KubeLabelName>,
 }
 
+impl KubeTarget {
+    /// The audit form.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (kind, pod) = match &self.pod {
+            PodRef::Name(name) => ("pod", name.as_str()),
+            PodRef::Selector(selector) => ("selector", selector.as_str()),
+        };
+        serde_json::json!({
+            "namespace": self.namespace.as_str(),
+            kind: pod,
+            "container": self.container.as_ref().map(KubeLabelName::as_str),
+        })
+    }
+}
+
 /// Bounded integer settings.
 pub fn parse_bounded(raw: i64, min: u32, max: u32) -> Result<u32, Rule> {
     u32::try_from(raw)
@@ -310,6 +345,41 @@ pub struct Project {
 }
 
 impl Project {
+    /// Every field an update changed, with its new value; the environment by name only.
+    pub fn changes_since(&self, before: &Project) -> ChangedFields {
+        let mut changed = ChangedFields::default();
+        changed.field("name", &before.name, &self.name, |v| v.as_str().into());
+        changed.field("description", &before.description, &self.description, |v| {
+            v.as_str().into()
+        });
+        changed.field("target", &before.target, &self.target, |v| {
+            v.as_ref()
+                .map_or(serde_json::Value::Null, KubeTarget::to_json)
+        });
+        changed.field("workdir", &before.workdir, &self.workdir, |v| {
+            v.as_str().into()
+        });
+        if let Some(env) = before.env.changed_names(&self.env) {
+            changed.insert("env", env);
+        }
+        changed.field(
+            "max_concurrency",
+            &before.max_concurrency,
+            &self.max_concurrency,
+            |v| (*v).into(),
+        );
+        changed.field(
+            "default_timeout_secs",
+            &before.default_timeout_secs,
+            &self.default_timeout_secs,
+            |v| (*v).into(),
+        );
+        changed.field("executor", &before.executor, &self.executor, |v| {
+            v.as_str().into()
+        });
+        changed
+    }
+
     /// Cross-field rules: a kube project needs a target.
     pub fn check_consistency(&self) -> Result<(), DomainError> {
         let mut v = Validation::new();

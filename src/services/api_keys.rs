@@ -7,11 +7,14 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, KeyRejection, PresentedKey, Scopes};
+use crate::domain::api_key::{
+    AllowedIps, ApiKey, KeyName, KeyRejection, PresentedKey, Scopes, loggable_prefix,
+};
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
 use crate::domain::ids::{ApiKeyId, ProjectId};
 use crate::ports::{ApiKeyRepository, Clock, PortError};
 
+use super::auth_failures::FailedAuthentications;
 use super::{Caller, ServiceError};
 
 /// A validated request for a new key.
@@ -47,6 +50,9 @@ pub struct ApiKeyService {
     clock: Arc<dyn Clock>,
     /// Last use per key, written to the store in batches by [`ApiKeyService::flush_usage`].
     pending_usage: Mutex<HashMap<ApiKeyId, OffsetDateTime>>,
+    /// Refused keys, audited in batches by [`ApiKeyService::flush_failures`]; none for the
+    /// operator's command line, which authenticates nobody.
+    failures: Option<FailedAuthentications>,
 }
 
 impl ApiKeyService {
@@ -55,11 +61,34 @@ impl ApiKeyService {
             keys,
             clock,
             pending_usage: Mutex::new(HashMap::new()),
+            failures: None,
         }
     }
 
-    /// Turns a presented key (header value) into a caller, or says why not.
+    /// Audits refused authentications through `failures`.
+    pub fn with_failure_audit(mut self, failures: FailedAuthentications) -> Self {
+        self.failures = Some(failures);
+        self
+    }
+
+    /// Turns a presented key (header value) into a caller, or says why not. A refusal is
+    /// tallied for the audit log by client address and key prefix.
     pub async fn authenticate(
+        &self,
+        presented: Option<&str>,
+        client: IpAddr,
+        context: AuditContext,
+    ) -> Result<Caller, ServiceError> {
+        let result = self.admit(presented, client, context).await;
+        if let (Err(ServiceError::Unauthenticated(reason)), Some(failures)) =
+            (&result, &self.failures)
+        {
+            failures.record(client, presented.map_or("-", loggable_prefix), *reason);
+        }
+        result
+    }
+
+    async fn admit(
         &self,
         presented: Option<&str>,
         client: IpAddr,
@@ -128,6 +157,14 @@ impl ApiKeyService {
             return Ok(());
         }
         self.keys.record_usage(&batch).await
+    }
+
+    /// Writes the tallied refusals to the audit log, one row per client address and key prefix.
+    pub async fn flush_failures(&self) -> Result<(), PortError> {
+        match &self.failures {
+            Some(failures) => failures.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// On an empty database, creates the first admin key: the configured one, or a generated one
@@ -234,6 +271,7 @@ impl ApiKeyService {
     ) -> Result<ApiKey, ServiceError> {
         caller.require_unrestricted_admin()?;
         let mut key = self.find(id).await?;
+        let before = key.clone();
         if let Some(name) = changes.name {
             key.name = name;
         }
@@ -249,7 +287,8 @@ impl ApiKeyService {
         if let Some(expires_at) = changes.expires_at {
             key.expires_at = expires_at;
         }
-        let audit = self.audit(caller, action::API_KEY_UPDATED, &key);
+        let mut audit = self.audit(caller, action::API_KEY_UPDATED, &key);
+        audit.details["changed"] = key.changes_since(&before).into_value();
         self.keys.save(&key, audit).await?;
         Ok(key)
     }

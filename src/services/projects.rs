@@ -138,6 +138,7 @@ impl ProjectService {
     ) -> Result<Project, ServiceError> {
         let mut project = self.get(caller, id).await?;
         caller.require(Scope::Admin)?;
+        let before = project.clone();
         let ProjectChanges {
             name,
             description,
@@ -159,7 +160,8 @@ impl ProjectService {
         project.updated_at = self.clock.now();
         project.check_consistency()?;
         self.check_executor_available(&project)?;
-        let audit = self.audit(caller, action::PROJECT_UPDATED, &project);
+        let mut audit = self.audit(caller, action::PROJECT_UPDATED, &project);
+        audit.details["changed"] = project.changes_since(&before).into_value();
         self.projects
             .update(&project, audit)
             .await

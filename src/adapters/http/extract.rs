@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use utoipa::IntoParams;
 
 use crate::domain::FieldError;
-use crate::domain::api_key::KeyRejection;
 use crate::domain::api_key::Scope;
+use crate::domain::api_key::{KeyRejection, loggable_prefix};
 use crate::domain::audit::AuditContext;
 use crate::domain::command::ResumePoint;
 use crate::domain::ids::CommandId;
@@ -216,20 +216,6 @@ pub fn acceptable_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The public part of a presented key (`rdev_<prefix>_<secret>`), for logs; anything not shaped
-/// like a key shows as `?`, so a secret pasted into the wrong place is not logged.
-fn key_prefix(presented: &str) -> &str {
-    let mut parts = presented.splitn(3, '_');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("rdev"), Some(prefix), Some(_))
-            if prefix.len() <= 16 && prefix.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-        {
-            prefix
-        }
-        _ => "?",
-    }
-}
-
 /// What a request presents about itself before it is authenticated.
 pub struct Credentials {
     pub presented: Option<String>,
@@ -300,7 +286,7 @@ impl Credentials {
     /// (`rdev_auth_failures_total{reason}`) and logged with the client address and the key's
     /// prefix, never its secret.
     async fn authenticate(self, state: &AppState) -> Result<Caller, ApiError> {
-        let prefix = self.presented.as_deref().map(key_prefix);
+        let prefix = self.presented.as_deref().map(loggable_prefix);
         let client_ip = self.client_ip;
         match state
             .keys
@@ -523,14 +509,6 @@ mod tests {
             assert!(!local(&[(forwarding, "1.2.3.4")], loopback), "{forwarding}");
         }
         assert!(!local(&[], Some(IpAddr::from([10, 1, 2, 3]))));
-    }
-
-    #[test]
-    fn only_the_public_prefix_of_a_presented_key_is_logged() {
-        assert_eq!(key_prefix("rdev_abc12345_secretsecretsecret"), "abc12345");
-        assert_eq!(key_prefix("a pasted password"), "?");
-        assert_eq!(key_prefix("rdev_has space_x"), "?");
-        assert_eq!(key_prefix("rdev_nosecret"), "?");
     }
 
     #[test]
