@@ -48,6 +48,12 @@ impl Caller {
         }
     }
 
+    /// Environment values can hold credentials: only admin keys read them; the others see the
+    /// names.
+    pub fn sees_env_values(&self) -> bool {
+        self.scopes.allows(Scope::Admin)
+    }
+
     pub fn can_access(&self, project: ProjectId) -> bool {
         self.project_ids.is_empty() || self.project_ids.contains(&project)
     }

@@ -34,6 +34,7 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, EventsQuery, IdempotencyKey, LastEventId, StreamCaller,
 };
 use super::problem::{ApiError, Problem};
+use super::projects::env_body;
 
 /// Reconnect delay suggested to SSE clients.
 const SSE_RETRY_MS: u64 = 2000;
@@ -106,7 +107,8 @@ pub struct CommandResponse {
     pub id: Uuid,
     pub project_id: Uuid,
     pub command: String,
-    pub env: BTreeMap<String, String>,
+    /// Variable names with their values for admin keys; for other keys every value is `null`.
+    pub env: BTreeMap<String, Option<String>>,
     /// `low`, `normal`, `high` or `critical`.
     #[schema(value_type = String)]
     pub priority: Priority,
@@ -140,17 +142,13 @@ pub struct CommandResponse {
 }
 
 impl CommandResponse {
-    fn new(command: Command, position: Option<u64>) -> Self {
+    fn new(command: Command, position: Option<u64>, caller: &Caller) -> Self {
         let base = format!("/api/v1/commands/{}", command.id);
         Self {
             id: command.id.as_uuid(),
             project_id: command.project_id.as_uuid(),
             command: command.command.as_str().to_owned(),
-            env: command
-                .env
-                .iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            env: env_body(&command.env, caller),
             priority: command.priority,
             timeout_secs: command.timeout_secs,
             status: command.status,
@@ -178,9 +176,9 @@ impl CommandResponse {
     }
 }
 
-impl From<QueuedCommand> for CommandResponse {
-    fn from(queued: QueuedCommand) -> Self {
-        Self::new(queued.command, queued.position)
+impl CommandResponse {
+    fn queued(queued: QueuedCommand, caller: &Caller) -> Self {
+        Self::new(queued.command, queued.position, caller)
     }
 }
 
@@ -288,7 +286,11 @@ async fn submit_command(
         .await?;
     let replayed = !queued.created;
     let location = format!("/api/v1/commands/{}", queued.command.id);
-    let mut response = (StatusCode::ACCEPTED, Json(CommandResponse::from(queued))).into_response();
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(CommandResponse::queued(queued, &caller)),
+    )
+        .into_response();
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, location);
@@ -314,7 +316,7 @@ async fn list_commands(
         items: page
             .items
             .into_iter()
-            .map(|c| CommandResponse::new(c, None))
+            .map(|c| CommandResponse::new(c, None, &caller))
             .collect(),
         next_cursor: page.next_cursor,
     }))
@@ -328,7 +330,8 @@ async fn get_command(
     caller: Caller,
     ApiPath(id): ApiPath<CommandId>,
 ) -> Result<Json<CommandResponse>, ApiError> {
-    Ok(Json(state.commands.get(&caller, id).await?.into()))
+    let queued = state.commands.get(&caller, id).await?;
+    Ok(Json(CommandResponse::queued(queued, &caller)))
 }
 
 /// The stored output as plain text (both streams interleaved as produced, or one of them).
@@ -358,7 +361,7 @@ async fn cancel_command(
     let command = state.commands.cancel(&caller, id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(CommandResponse::new(command, None)),
+        Json(CommandResponse::new(command, None, &caller)),
     ))
 }
 

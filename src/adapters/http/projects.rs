@@ -98,7 +98,8 @@ pub struct ProjectResponse {
     pub description: String,
     pub target: Option<TargetBody>,
     pub workdir: String,
-    pub env: BTreeMap<String, String>,
+    /// Variable names with their values for admin keys; for other keys every value is `null`.
+    pub env: BTreeMap<String, Option<String>>,
     pub max_concurrency: u32,
     pub default_timeout_secs: u32,
     /// `kube` or `local`.
@@ -110,19 +111,23 @@ pub struct ProjectResponse {
     pub updated_at: OffsetDateTime,
 }
 
-impl From<Project> for ProjectResponse {
-    fn from(project: Project) -> Self {
+/// An environment as `caller` may read it: values for admin keys, names only for the others.
+pub(super) fn env_body(env: &EnvVars, caller: &Caller) -> BTreeMap<String, Option<String>> {
+    let values = caller.sees_env_values();
+    env.iter()
+        .map(|(name, value)| (name.to_owned(), values.then(|| value.to_owned())))
+        .collect()
+}
+
+impl ProjectResponse {
+    fn new(project: Project, caller: &Caller) -> Self {
         Self {
             id: project.id.as_uuid(),
             name: project.name.to_string(),
             description: project.description,
             target: project.target.as_ref().map(target_body),
             workdir: project.workdir.to_string(),
-            env: project
-                .env
-                .iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            env: env_body(&project.env, caller),
             max_concurrency: project.max_concurrency,
             default_timeout_secs: project.default_timeout_secs,
             executor: project.executor,
@@ -266,7 +271,10 @@ async fn create_project(
 ) -> Result<(StatusCode, Json<ProjectResponse>), ApiError> {
     let new = body.into_new(state.projects.default_executor())?;
     let project = state.projects.create(&caller, new).await?;
-    Ok((StatusCode::CREATED, Json(project.into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(ProjectResponse::new(project, &caller)),
+    ))
 }
 
 /// The projects this key may see.
@@ -278,7 +286,10 @@ async fn list_projects(
 ) -> Result<Json<ProjectList>, ApiError> {
     let projects = state.projects.list(&caller).await?;
     Ok(Json(ProjectList {
-        items: projects.into_iter().map(Into::into).collect(),
+        items: projects
+            .into_iter()
+            .map(|project| ProjectResponse::new(project, &caller))
+            .collect(),
     }))
 }
 
@@ -290,7 +301,8 @@ async fn get_project(
     caller: Caller,
     ApiPath(id): ApiPath<ProjectId>,
 ) -> Result<Json<ProjectResponse>, ApiError> {
-    Ok(Json(state.projects.get(&caller, id).await?.into()))
+    let project = state.projects.get(&caller, id).await?;
+    Ok(Json(ProjectResponse::new(project, &caller)))
 }
 
 /// Changes a project (admin); absent fields stay as they are.
@@ -303,13 +315,8 @@ async fn update_project(
     ApiPath(id): ApiPath<ProjectId>,
     ApiJson(body): ApiJson<UpdateProjectRequest>,
 ) -> Result<Json<ProjectResponse>, ApiError> {
-    Ok(Json(
-        state
-            .projects
-            .update(&caller, id, body.try_into()?)
-            .await?
-            .into(),
-    ))
+    let project = state.projects.update(&caller, id, body.try_into()?).await?;
+    Ok(Json(ProjectResponse::new(project, &caller)))
 }
 
 /// Deletes a project and its finished commands (admin); refused while commands are active.

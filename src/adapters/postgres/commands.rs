@@ -153,7 +153,8 @@ impl CommandStore for PgCommandStore {
             "SELECT {COMMAND_COLUMNS} FROM commands \
              WHERE ($1::uuid IS NULL OR project_id = $1) AND ($2::uuid[] IS NULL OR project_id = ANY($2)) \
                AND ($3::text IS NULL OR status = $3) \
-               AND ($4::uuid IS NULL OR seq < (SELECT seq FROM commands WHERE id = $4)) \
+               AND ($4::uuid IS NULL OR seq < (SELECT seq FROM commands WHERE id = $4 \
+                 AND ($2::uuid[] IS NULL OR project_id = ANY($2)))) \
              ORDER BY seq DESC LIMIT $5"
         ))
         .bind(filter.project_id.map(|p| p.as_uuid()))

@@ -150,21 +150,20 @@ impl CommandStore for SqliteCommandStore {
                     next_cursor: None,
                 });
             }
-            query.push(" AND project_id IN (");
-            let mut ids = query.separated(", ");
-            for id in projects {
-                ids.push_bind(ProjectId::as_uuid(id));
-            }
-            query.push(")");
+            push_project_in(&mut query, projects);
         }
         if let Some(status) = filter.status {
             query.push(" AND status = ").push_bind(status.as_str());
         }
         if let Some(before) = filter.before {
+            // A cursor naming a command out of reach answers like an unknown one: an empty page.
             query
                 .push(" AND seq < (SELECT seq FROM commands WHERE id = ")
-                .push_bind(before.as_uuid())
-                .push(")");
+                .push_bind(before.as_uuid());
+            if let Some(projects) = &filter.projects {
+                push_project_in(&mut query, projects);
+            }
+            query.push(")");
         }
         query
             .push(" ORDER BY seq DESC LIMIT ")
@@ -231,4 +230,13 @@ impl CommandStore for SqliteCommandStore {
         self.sealing.commit(tx, head).await?;
         Ok(command)
     }
+}
+
+fn push_project_in(query: &mut QueryBuilder<'_, Sqlite>, projects: &[ProjectId]) {
+    query.push(" AND project_id IN (");
+    let mut ids = query.separated(", ");
+    for id in projects {
+        ids.push_bind(ProjectId::as_uuid(id));
+    }
+    query.push(")");
 }
