@@ -339,3 +339,197 @@ async fn refused_keys_are_counted_by_reason() {
     }
     server.stop().await;
 }
+
+async fn audit_rows(server: &TestServer, action: &str) -> Vec<serde_json::Value> {
+    let page: serde_json::Value = server
+        .get(&format!("/api/v1/audit?action={action}"), ADMIN_KEY)
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_keys_are_audited_once_per_client_and_prefix() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let guessed = "rdev_guessing_0123456789abcdefghijklmnopqrstuv";
+    for _ in 0..25 {
+        assert_eq!(server.get("/api/v1/me", guessed).await.status(), 401);
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            server.get("/api/v1/me", "a pasted password").await.status(),
+            401
+        );
+    }
+    // The tally is written once a minute and at shutdown.
+    server.stop().await;
+
+    let server = TestServer::start(&db).await;
+    let rows = audit_rows(&server, "auth.failed").await;
+    assert_eq!(rows.len(), 2, "one row per client and prefix: {rows:#?}");
+    let by_prefix = |prefix: &str| {
+        rows.iter()
+            .find(|row| row["details"]["key_prefix"] == prefix)
+            .unwrap_or_else(|| panic!("a row for {prefix}: {rows:#?}"))
+    };
+    let guesses = by_prefix("guessing");
+    assert_eq!(guesses["details"]["count"], 25);
+    assert_eq!(guesses["details"]["reasons"], json!({"invalid": 25}));
+    assert_eq!(guesses["outcome"], "denied");
+    assert_eq!(guesses["client_ip"], "127.0.0.1");
+    assert_eq!(by_prefix("?")["details"]["count"], 3);
+    let text = serde_json::to_string(&rows).unwrap();
+    assert!(!text.contains("0123456789abcdef") && !text.contains("pasted"));
+    let verify: serde_json::Value = server
+        .get("/api/v1/audit/verify", ADMIN_KEY)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(verify["ok"], true, "{verify}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_audit_every_changed_field_and_env_by_name_only() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let project = server
+        .create_project(
+            "changing",
+            json!({"env": {"KEEP": "1", "ROTATE": "old-secret"}}),
+        )
+        .await;
+    let patched = server
+        .patch(
+            &format!("/api/v1/projects/{project}"),
+            ADMIN_KEY,
+            json!({
+                "description": "now described",
+                "max_concurrency": 3,
+                "env": {"KEEP": "1", "ROTATE": "new-secret", "ADDED": "x"},
+            }),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let rows = audit_rows(&server, "project.updated").await;
+    assert_eq!(
+        rows[0]["details"]["changed"],
+        json!({
+            "description": "now described",
+            "max_concurrency": 3,
+            "env": {"set": ["ADDED", "ROTATE"], "removed": []},
+        })
+    );
+    assert!(!serde_json::to_string(&rows).unwrap().contains("secret"));
+
+    let (key, _) = server
+        .create_key(json!({"name": "narrow", "scopes": ["read"]}))
+        .await;
+    let patched = server
+        .patch(
+            &format!("/api/v1/api-keys/{key}"),
+            ADMIN_KEY,
+            json!({"scopes": ["read", "execute"], "project_ids": [project], "allowed_ips": ["10.0.0.0/8"]}),
+        )
+        .await;
+    assert_eq!(patched.status(), 200);
+    let rows = audit_rows(&server, "api_key.updated").await;
+    assert_eq!(
+        rows[0]["details"]["changed"],
+        json!({
+            "scopes": "read,execute",
+            "project_ids": [project],
+            "allowed_ips": ["10.0.0.0/8"],
+        })
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_values_are_shown_to_admin_keys_only() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let project = server
+        .create_project("private", json!({"env": {"TOKEN": "project-secret"}}))
+        .await;
+    let (_, executor) = server
+        .create_key(json!({"name": "runner", "scopes": ["read", "execute"]}))
+        .await;
+    let submitted = server
+        .post(
+            &format!("/api/v1/projects/{project}/commands"),
+            &executor,
+            json!({"command": "true", "env": {"PASSWORD": "command-secret"}}),
+        )
+        .await;
+    assert_eq!(submitted.status(), 202);
+    let submitted: serde_json::Value = submitted.json().await.unwrap();
+    let command = submitted["id"].as_str().unwrap().to_owned();
+    assert_eq!(submitted["env"], json!({"PASSWORD": null}));
+
+    let read = |path: String, key: String| {
+        let server = &server;
+        async move {
+            let response = server.get(&path, &key).await;
+            assert_eq!(response.status(), 200, "{path}");
+            response.text().await.unwrap()
+        }
+    };
+    for path in [
+        format!("/api/v1/projects/{project}"),
+        "/api/v1/projects".to_owned(),
+        format!("/api/v1/commands/{command}"),
+        "/api/v1/commands".to_owned(),
+    ] {
+        let seen = read(path.clone(), executor.clone()).await;
+        assert!(!seen.contains("secret"), "{path}: {seen}");
+        assert!(
+            seen.contains("\"TOKEN\":null") || seen.contains("\"PASSWORD\":null"),
+            "{path}: {seen}"
+        );
+        let admin = read(path.clone(), ADMIN_KEY.to_owned()).await;
+        assert!(admin.contains("-secret"), "{path}: {admin}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_naming_another_projects_command_answers_like_a_random_one() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = TestDb::new(backend).await else {
+            continue;
+        };
+        let server = TestServer::start(&db).await;
+        let mine = server.create_project("mine", json!({})).await;
+        let theirs = server.create_project("theirs", json!({})).await;
+        for _ in 0..2 {
+            server.submit(&mine, json!({"command": "true"})).await;
+        }
+        let foreign = server.submit(&theirs, json!({"command": "true"})).await;
+        let (_, limited) = server
+            .create_key(json!({"name": "mine only", "scopes": ["read"], "project_ids": [mine]}))
+            .await;
+        let page = |cursor: String| {
+            let (server, limited) = (&server, &limited);
+            async move {
+                let response = server
+                    .get(&format!("/api/v1/commands?cursor={cursor}"), limited)
+                    .await;
+                (response.status(), response.text().await.unwrap())
+            }
+        };
+        let random = page(uuid::Uuid::new_v4().to_string()).await;
+        assert_eq!(page(foreign).await, random, "{backend:?}");
+        server.stop().await;
+    }
+}
