@@ -236,6 +236,31 @@ async fn hostile_headers_and_limited_admins_are_refused() {
         assert_eq!(relayed.status(), 401, "{header}");
     }
 
+    // A traceparent reaches the audit row only when it is well formed.
+    for (traceparent, expected) in [
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            json!("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+        (
+            "00-\"forged\"level=ERROR\"xxxxxxxxxxxxx-00f067aa0ba902b7-01",
+            json!(null),
+        ),
+    ] {
+        let created = server
+            .client
+            .post(server.url("/api/v1/projects"))
+            .bearer_auth(ADMIN_KEY)
+            .header("traceparent", traceparent)
+            .json(&json!({"name": format!("traced-{}", expected.is_null()), "workdir": "/tmp"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let audited = audit_rows(&server, "project.created").await;
+        assert_eq!(audited[0]["trace_id"], expected, "{traceparent}");
+    }
+
     // An admin key limited to one project cannot widen its reach with a new project.
     let project = server.create_project("mine", json!({})).await;
     let (_, limited) = server

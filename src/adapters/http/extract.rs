@@ -216,6 +216,29 @@ pub fn acceptable_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero), or
+/// `None` for anything else: what a client sends lands in audit rows and logs only when it has
+/// exactly this shape.
+fn w3c_trace_id(traceparent: &str) -> Option<String> {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let mut parts = traceparent.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then(|| trace.to_owned())
+}
+
 /// What a request presents about itself before it is authenticated.
 pub struct Credentials {
     pub presented: Option<String>,
@@ -262,9 +285,7 @@ impl Credentials {
                     .then(|| token.trim().to_owned())
             })
             .or_else(|| header_text("x-api-key"));
-        let trace_id = header_text("traceparent")
-            .and_then(|tp| tp.split('-').nth(1).map(str::to_owned))
-            .filter(|id| id.len() == 32);
+        let trace_id = header_text("traceparent").and_then(|tp| w3c_trace_id(&tp));
         let local = peer.is_some_and(|peer| peer.to_canonical().is_loopback())
             && !FORWARDING_HEADERS
                 .iter()
@@ -445,6 +466,26 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_well_formed_traceparent_gives_a_trace_id() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            w3c_trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-\"level=ERROR\"xxxxxxxxxxxxxxxxxxx-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+        ] {
+            assert_eq!(w3c_trace_id(bad), None, "{bad}");
+        }
+    }
 
     fn headers(xff: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
