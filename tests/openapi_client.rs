@@ -3,17 +3,14 @@
 //! from PyPI) turns `/openapi.json` into a Python client without a warning, and that client
 //! creates a project, submits a command, reads it back and fetches its output from a real server.
 //!
-//! The generator lives in a virtualenv under the target directory, made on first use (about
-//! 25 s) and reused after. Without python3 and its `venv` module the test is skipped with a
-//! note, except under `CI=true`, where it fails.
+//! The generator lives in a virtualenv under the target directory (`support::venv`).
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
+use std::path::Path;
 
 use serde_json::Value;
+use support::venv::{python_venv, run};
 use support::{ADMIN_KEY, Backend, TestDb, TestServer};
 use tokio::process::Command;
 
@@ -22,7 +19,7 @@ const GENERATOR: &str = "openapi-python-client==0.29.1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generated_python_client_submits_a_command_and_reads_its_output() {
-    let Some(venv) = generator_venv().await else {
+    let Some(venv) = python_venv(GENERATOR).await else {
         return;
     };
     let db = TestDb::new(Backend::Sqlite)
@@ -126,95 +123,6 @@ async fn every_parameter_is_declared_where_the_route_reads_it() {
         );
     }
     server.stop().await;
-}
-
-/// The virtualenv holding the generator, made on first use; `None` (with a note) when python3
-/// cannot make one outside CI.
-async fn generator_venv() -> Option<PathBuf> {
-    let version = GENERATOR.replace("==", "-");
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("venv-{version}"));
-    let ready = venv.join(".installed");
-    if ready.exists() {
-        return Some(venv);
-    }
-    let _lock = VenvLock::take(&venv).await;
-    if ready.exists() {
-        return Some(venv);
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .await;
-    let why = match created {
-        Err(error) => format!("python3 did not start: {error}"),
-        Ok(output) if !output.status.success() => format!(
-            "python3 -m venv failed (Debian: apt-get install python3-venv): {}",
-            String::from_utf8_lossy(&output.stderr)
-        ),
-        Ok(_) => {
-            let installed = run(Command::new(venv.join("bin/pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                GENERATOR,
-            ]))
-            .await;
-            if installed.status.success() {
-                std::fs::write(&ready, GENERATOR).unwrap();
-                return Some(venv);
-            }
-            format!(
-                "pip install {GENERATOR} failed: {}",
-                String::from_utf8_lossy(&installed.stderr)
-            )
-        }
-    };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("cannot make the generator's virtualenv under CI: {why}");
-    }
-    support::skipped(&format!("no openapi-python-client ({why})"));
-    None
-}
-
-/// Keeps two test runs sharing a target directory from building the same virtualenv at once
-/// (a virtualenv cannot be built elsewhere and moved: its scripts name their own path).
-struct VenvLock(PathBuf);
-
-impl VenvLock {
-    async fn take(venv: &Path) -> VenvLock {
-        let path = venv.with_extension("lock");
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            match std::fs::File::create_new(&path) {
-                Ok(_) => return VenvLock(path),
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "{} held for 5 minutes; remove it if no test run is making the venv",
-                        path.display()
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(error) => panic!("cannot create {}: {error}", path.display()),
-            }
-        }
-    }
-}
-
-impl Drop for VenvLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-async fn run(command: &mut Command) -> Output {
-    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
-        .await
-        .expect("finishes within 5 minutes");
-    output.unwrap_or_else(|error| panic!("{command:?} did not start: {error}"))
 }
 
 fn path_with(dir: &Path) -> std::ffi::OsString {

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod commands;
 pub mod console;
 pub mod extract;
+pub mod openapi;
 pub mod ops;
 pub mod pods;
 pub mod problem;
@@ -128,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
     let api = api.merge(console::routes());
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    openapi::declare_problem_responses(&mut openapi);
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");
     api.route(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod own_postgres;
+pub mod venv;
 
 use std::sync::Arc;
 use std::time::Duration;

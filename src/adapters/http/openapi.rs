@@ -1,0 +1,118 @@
+//! The error responses every operation can give, declared once for the whole document: the
+//! handlers declare what is particular to them, this adds what follows from an operation's
+//! shape (a key, a path id, a body, the database), so the document states every status a
+//! client can meet and that each error is `application/problem+json`.
+
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::{Content, OpenApi, Ref, RefOr, ResponseBuilder};
+
+use super::problem::PROBLEM_JSON;
+
+/// Statuses and why, by what an operation has.
+const AUTHENTICATED: &[(u16, &str)] = &[
+    (
+        400,
+        "Both `Authorization` and `X-API-Key` sent, or a malformed header",
+    ),
+    (401, "No key, or one that is unknown, expired or revoked"),
+    (
+        403,
+        "The key lacks the scope, or the client address is not allowed",
+    ),
+];
+const PATH_ID: &[(u16, &str)] = &[
+    (400, "A path parameter is malformed"),
+    (404, "No such resource, or one this key may not see"),
+];
+const QUERY: &[(u16, &str)] = &[
+    (400, "A query parameter is malformed"),
+    (422, "A query parameter breaks a rule"),
+];
+const BODY: &[(u16, &str)] = &[
+    (400, "The body is not valid JSON"),
+    (413, "The body is larger than 1 MiB"),
+    (415, "The body is not `application/json`"),
+    (422, "The body is valid JSON but breaks a rule"),
+];
+const STORED: &[(u16, &str)] = &[(503, "The database is unavailable; retry later")];
+
+/// Adds the problem responses each operation can give and marks every problem response as
+/// `application/problem+json`.
+pub fn declare_problem_responses(openapi: &mut OpenApi) {
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        let stored = path.starts_with("/api/");
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut statuses: Vec<(u16, &str)> = Vec::new();
+            if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                statuses.extend(AUTHENTICATED);
+            }
+            let has_param = |operation: &Operation, place: ParameterIn| {
+                operation.parameters.iter().flatten().any(|p| {
+                    std::mem::discriminant(&p.parameter_in) == std::mem::discriminant(&place)
+                })
+            };
+            if has_param(operation, ParameterIn::Path) {
+                statuses.extend(PATH_ID);
+            }
+            if has_param(operation, ParameterIn::Query) {
+                statuses.extend(QUERY);
+            }
+            if operation.request_body.is_some() {
+                statuses.extend(BODY);
+            }
+            if stored {
+                statuses.extend(STORED);
+            }
+            declare(operation, &statuses);
+        }
+    }
+}
+
+fn declare(operation: &mut Operation, statuses: &[(u16, &str)]) {
+    let responses = &mut operation.responses.responses;
+    for (status, description) in statuses {
+        responses
+            .entry(status.to_string())
+            .or_insert_with(|| problem_response(description));
+    }
+    for response in responses.values_mut() {
+        let RefOr::T(response) = response else {
+            continue;
+        };
+        if let Some(content) = response.content.shift_remove("application/json") {
+            if is_problem(&content) {
+                response.content.insert(PROBLEM_JSON.to_owned(), content);
+            } else {
+                response
+                    .content
+                    .insert("application/json".to_owned(), content);
+            }
+        }
+    }
+}
+
+fn problem_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(PROBLEM_JSON, Content::new(Some(problem_schema())))
+            .build(),
+    )
+}
+
+fn problem_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+    RefOr::Ref(Ref::from_schema_name("Problem"))
+}
+
+fn is_problem(content: &Content) -> bool {
+    matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem"))
+}

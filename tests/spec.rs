@@ -1,0 +1,74 @@
+//! The OpenAPI document tells the truth: schemathesis (PyPI, an independent implementation)
+//! generates requests from `/openapi.json`, valid and invalid, with a key and without, and
+//! checks that no answer is a 5xx and that every status, content type, header and body is the
+//! one the document declares. It also checks that a request without a key is refused wherever
+//! the document asks for one (`ignored_auth`) and that deleted resources are gone.
+//!
+//! Left out: `positive_data_acceptance` and `negative_data_rejection`, which need every rule
+//! in the schema (a future `expires_at`, a workdir without `..`) and are covered by our own
+//! validation tests; and, with the key, revoking or rotating keys, which would lock the run
+//! out with its own key.
+
+mod support;
+
+use support::venv::{python_venv, run};
+use support::{ADMIN_KEY, Backend, ServerProcess, TestDb};
+use tokio::process::Command;
+
+/// Pinned, so that a new release cannot change what passing means.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_every_answer_declared_with_and_without_a_key() {
+    let Some(venv) = python_venv(SCHEMATHESIS).await else {
+        return;
+    };
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
+    // A real process, as deployed: its heap profiler is active, as in production.
+    let process = ServerProcess::start(&db, &[]).await;
+    let server = &process.server;
+    let work = tempfile::tempdir().unwrap();
+    let with_key = work.path().join("with-key.toml");
+    std::fs::write(
+        &with_key,
+        "[auth.openapi.bearer]\nbearer = \"${RDEV_ST_KEY}\"\n",
+    )
+    .unwrap();
+    let without_key = work.path().join("without-key.toml");
+    std::fs::write(&without_key, "").unwrap();
+
+    for (config, excluded) in [
+        (
+            &with_key,
+            &["--exclude-path-regex", r"^/api/v1/api-keys/\{id\}"][..],
+        ),
+        (&without_key, &[][..]),
+    ] {
+        let checked = run(Command::new(venv.join("bin/schemathesis"))
+            .current_dir(work.path())
+            .arg("--config-file")
+            .arg(config)
+            .arg("run")
+            .arg(server.url("/openapi.json"))
+            .args(["--max-examples", "25", "--workers", "2", "--seed", "1"])
+            .args(["--checks", "all"])
+            .args([
+                "--exclude-checks",
+                "positive_data_acceptance,negative_data_rejection",
+            ])
+            .args(excluded)
+            .env("RDEV_ST_KEY", ADMIN_KEY)
+            .env("NO_COLOR", "1"))
+        .await;
+        let report = String::from_utf8_lossy(&checked.stdout);
+        assert!(
+            checked.status.success(),
+            "schemathesis ({}) found problems:\n{report}\n{}",
+            config.file_name().unwrap().to_string_lossy(),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+        assert!(report.contains("passed"), "{report}");
+    }
+}
