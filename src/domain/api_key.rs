@@ -139,13 +139,15 @@ impl AllowedIps {
                 .parse::<IpNet>()
                 .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
                 .map_err(|_| Rule::new(format!("`{entry}` is not an IP address or CIDR")))?;
-            nets.push(net.trunc());
+            nets.push(canonical_net(net).trunc());
         }
         nets.sort();
         nets.dedup();
         Ok(Self(nets))
     }
 
+    /// Whether `client` may use the key. Clients are compared in canonical form (an
+    /// IPv4-mapped IPv6 peer as IPv4), as are the entries.
     pub fn permits(&self, client: IpAddr) -> bool {
         let client = client.to_canonical();
         self.0.is_empty() || self.0.iter().any(|net| net.contains(&client))
@@ -153,6 +155,18 @@ impl AllowedIps {
 
     pub fn as_slice(&self) -> &[IpNet] {
         &self.0
+    }
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it stands for, so
+/// that it matches the canonical clients it is compared with.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        _ => net,
     }
 }
 
