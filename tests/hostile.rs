@@ -282,3 +282,150 @@ async fn broken_http_is_refused_and_the_server_stays_up() {
     assert_eq!(health.status(), 200);
     server.stop().await;
 }
+
+/// A key limited to one project, probing another: every way in answers exactly like an id that
+/// does not exist. Wrong scopes, addresses outside `allowed_ips` (also behind a forged
+/// `X-Forwarded-For` from an untrusted peer) are refused. And no secret (keys, env values)
+/// appears anywhere in the server's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_key_learns_nothing_of_other_projects_and_secrets_stay_out_of_logs() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let process = support::ServerProcess::start(&db, &[("RUST_LOG", "debug")]).await;
+    let server = &process.server;
+    let mine = server.create_project("mine", json!({})).await;
+    let theirs = server
+        .create_project(
+            "theirs",
+            json!({"env": {"DEPLOY_TOKEN": "theirs-env-secret"}}),
+        )
+        .await;
+    let foreign = server
+        .submit(
+            &theirs,
+            json!({"command": "sleep 30", "env": {"PASSWORD": "command-env-secret"}}),
+        )
+        .await;
+    let (_, limited) = server
+        .create_key(json!({"name": "mine", "scopes": ["read", "execute"], "project_ids": [mine]}))
+        .await;
+
+    let random = uuid::Uuid::new_v4().to_string();
+    let probe = |id: String| {
+        let (server, limited, theirs) = (server, limited.clone(), theirs.clone());
+        async move {
+            let mut answers = Vec::new();
+            for (method, path) in [
+                (reqwest::Method::GET, format!("/api/v1/commands/{id}")),
+                (
+                    reqwest::Method::GET,
+                    format!("/api/v1/commands/{id}/events"),
+                ),
+                (
+                    reqwest::Method::GET,
+                    format!("/api/v1/commands/{id}/output"),
+                ),
+                (
+                    reqwest::Method::POST,
+                    format!("/api/v1/commands/{id}/cancel"),
+                ),
+                (
+                    reqwest::Method::POST,
+                    format!("/api/v1/commands/{id}/stream-token"),
+                ),
+                (reqwest::Method::GET, format!("/api/v1/projects/{id}")),
+                (
+                    reqwest::Method::GET,
+                    format!("/api/v1/commands?project_id={id}"),
+                ),
+                (
+                    reqwest::Method::GET,
+                    format!("/api/v1/commands?cursor={id}"),
+                ),
+            ] {
+                let path = path.replace(&theirs, &id);
+                let response = server.send(method.clone(), &path, &limited, None).await;
+                let status = response.status();
+                let body = response.text().await.unwrap().replace(&id, "<id>");
+                answers.push((
+                    format!("{method} {}", path.replace(&id, "<id>")),
+                    status,
+                    body,
+                ));
+            }
+            answers
+        }
+    };
+    // Their command and their project, against ids that name nothing.
+    let about_theirs = [probe(foreign.clone()).await, probe(theirs.clone()).await];
+    let about_nothing = [probe(random.clone()).await, probe(random).await];
+    assert_eq!(about_theirs, about_nothing);
+    assert!(about_theirs[0].iter().any(|(_, status, _)| *status == 404));
+    let listed = server
+        .get("/api/v1/projects", &limited)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!listed.contains("theirs"), "{listed}");
+    let commands = server
+        .get("/api/v1/commands", &limited)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!commands.contains(&foreign), "{commands}");
+
+    // Scope and address rules.
+    let (_, reader) = server
+        .create_key(json!({"name": "reader", "scopes": ["read"]}))
+        .await;
+    let submit = server
+        .post(
+            &format!("/api/v1/projects/{mine}/commands"),
+            &reader,
+            json!({"command": "true"}),
+        )
+        .await;
+    assert_eq!(submit.status(), 403);
+    let (_, fenced) = server
+        .create_key(json!({"name": "office", "scopes": ["read"], "allowed_ips": ["10.0.0.0/8"]}))
+        .await;
+    for forged in [None, Some("10.1.2.3"), Some("10.1.2.3, 127.0.0.1")] {
+        let mut request = server
+            .client
+            .get(server.url("/api/v1/me"))
+            .bearer_auth(&fenced);
+        if let Some(forged) = forged {
+            request = request.header("x-forwarded-for", forged);
+        }
+        let status = request.send().await.unwrap().status();
+        assert!(
+            status == 401 || status == 403,
+            "from 127.0.0.1 with X-Forwarded-For {forged:?}: {status}"
+        );
+    }
+    server
+        .post(
+            &format!("/api/v1/commands/{foreign}/cancel"),
+            ADMIN_KEY,
+            json!({}),
+        )
+        .await;
+
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let logs = process.logs.lock().unwrap().join("\n");
+    let secret_of = |key: &str| key.rsplit('_').next().unwrap().to_owned();
+    for secret in [
+        secret_of(ADMIN_KEY),
+        secret_of(&limited),
+        secret_of(&reader),
+        secret_of(&fenced),
+        "theirs-env-secret".to_owned(),
+        "command-env-secret".to_owned(),
+    ] {
+        assert!(!logs.contains(&secret), "`{secret}` is in the server log");
+    }
+    assert!(logs.lines().count() > 20, "the log was captured: {logs}");
+}

@@ -497,6 +497,8 @@ impl TestServer {
 pub struct ServerProcess {
     pub child: tokio::process::Child,
     pub server: TestServer,
+    /// Every line the server wrote to stderr so far.
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -516,22 +518,32 @@ impl ServerProcess {
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
         let address = loop {
             let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
                 .await
                 .expect("the server starts within 30 s")
                 .unwrap()
                 .expect("the server logs its address");
+            logs.lock().unwrap().push(line.clone());
             if let Ok(log) = serde_json::from_str::<Value>(&line)
                 && log["message"] == "rdev-api listening"
             {
                 break log["address"].as_str().unwrap().to_owned();
             }
         };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn({
+            let logs = logs.clone();
+            async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    logs.lock().unwrap().push(line);
+                }
+            }
+        });
         ServerProcess {
             child,
             server: TestServer::detached(format!("http://{address}")),
+            logs,
         }
     }
 }
