@@ -277,19 +277,17 @@ impl WorkerPool {
         let mut reap_after = Instant::now();
         loop {
             if last_contact.elapsed() > every * 2 {
-                // Blind for a while: a renewal of no leases is a round trip that changes nothing.
-                if self
-                    .ports
-                    .queue
-                    .renew_leases(&self.owner, &[], self.settings.lease)
-                    .await
-                    .is_ok()
-                {
+                if self.in_contact().await {
                     last_contact = Instant::now();
                     reap_after = last_contact + self.settings.lease;
                     tracing::info!(grace = ?self.settings.lease, "database reachable again; reaping resumes after a lease");
                 }
-            } else if Instant::now() >= reap_after && self.reap_once().await {
+            } else if Instant::now() >= reap_after {
+                if self.reap_once().await {
+                    last_contact = Instant::now();
+                }
+            } else if self.in_contact().await {
+                // Waiting out the grace: contact kept up here does not start the grace again.
                 last_contact = Instant::now();
             }
             tokio::select! {
@@ -297,6 +295,16 @@ impl WorkerPool {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+
+    /// Whether the database answers: a renewal of no leases is a round trip that changes
+    /// nothing.
+    async fn in_contact(&self) -> bool {
+        self.ports
+            .queue
+            .renew_leases(&self.owner, &[], self.settings.lease)
+            .await
+            .is_ok()
     }
 
     /// True when the database answered.
