@@ -11,6 +11,7 @@
 
 mod support;
 
+use support::long_suite;
 use support::venv::{python_venv, run};
 use support::{ADMIN_KEY, Backend, ServerProcess, TestDb};
 use tokio::process::Command;
@@ -39,6 +40,8 @@ async fn schemathesis_finds_every_answer_declared_with_and_without_a_key() {
     let without_key = work.path().join("without-key.toml");
     std::fs::write(&without_key, "").unwrap();
 
+    // `RDEV_SUITE=long` is the slow variant (docs/operations/guarantees.md).
+    let examples = if long_suite() { "300" } else { "25" };
     for (config, excluded) in [
         (
             &with_key,
@@ -52,7 +55,7 @@ async fn schemathesis_finds_every_answer_declared_with_and_without_a_key() {
             .arg(config)
             .arg("run")
             .arg(server.url("/openapi.json"))
-            .args(["--max-examples", "25", "--workers", "2", "--seed", "1"])
+            .args(["--max-examples", examples, "--workers", "2", "--seed", "1"])
             .args(["--checks", "all"])
             .args([
                 "--exclude-checks",

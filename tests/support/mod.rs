@@ -203,6 +203,11 @@ pub fn test_config(db: &TestDb) -> Config {
     config
 }
 
+/// Whether the slow variant of the suite was asked for (`RDEV_SUITE=long`).
+pub fn long_suite() -> bool {
+    std::env::var("RDEV_SUITE").is_ok_and(|v| v == "long")
+}
+
 /// A running server.
 pub struct TestServer {
     pub base: String,
