@@ -18,7 +18,7 @@ use crate::adapters::local::{LocalExecutor, RunAs};
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
-use crate::adapters::telemetry::{JemallocProfiler, Metrics};
+use crate::adapters::telemetry::{JemallocProfiler, Metrics, PprofCpuProfiler};
 use crate::config::{Config, Secret};
 use crate::domain::audit::AuditKey;
 use crate::ports::clock::SystemClock;
@@ -322,11 +322,13 @@ pub async fn build_with_clock(
         ports.keys,
         config.cache_ttl,
         bus.clone(),
+        metrics.clone(),
     ));
     let cached_projects = Arc::new(CachedProjects::new(
         ports.projects,
         config.cache_ttl,
         bus.clone(),
+        metrics.clone(),
     ));
     bus.listen_for_changes(cached_keys.clone());
     bus.listen_for_changes(cached_projects.clone());
@@ -451,6 +453,8 @@ pub async fn build_with_clock(
         follow,
         metrics,
         profiler: Arc::new(JemallocProfiler),
+        cpu_profiler: Arc::new(PprofCpuProfiler::default()),
+        export_traces: config.otlp_endpoint.is_some(),
         client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
         probe: Arc::new(storage.clone()),
         shutdown: shutdown.clone(),

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::adapters::telemetry;
-use crate::config::{CliCommand, LogFormat};
+use crate::config::{CliCommand, Config, LogFormat, TraceSampler};
 
 /// Exit status when rdev-api itself fails (as `docker run` and `timeout` do).
 pub const EXIT_CLIENT_FAILED: u8 = 125;
@@ -121,8 +121,22 @@ fn parse_env_pair(raw: &str) -> Result<(String, String), String> {
 pub async fn main(command: CliCommand) -> ExitCode {
     match command {
         CliCommand::Serve(config) => {
-            telemetry::init_logging(config.log_format == LogFormat::Json);
-            match crate::app::run(*config).await {
+            let telemetry = match telemetry::init(
+                config.log_format == LogFormat::Json,
+                trace_export(&config),
+            ) {
+                Ok(telemetry) => telemetry,
+                Err(error) => {
+                    eprintln!(
+                        "rdev-api: OTEL_EXPORTER_OTLP_ENDPOINT: {}",
+                        one_line(&error)
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let served = crate::app::run(*config).await;
+            telemetry.shutdown().await;
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("rdev-api: {}", one_line(&error));
@@ -136,6 +150,28 @@ pub async fn main(command: CliCommand) -> ExitCode {
         CliCommand::Commands { server, action } => remote::commands(&server, action).await,
         CliCommand::Projects { server, action } => remote::projects(&server, action).await,
     }
+}
+
+/// The span export the `OTEL_*` settings ask for; `None` without an endpoint.
+fn trace_export(config: &Config) -> Option<telemetry::TraceExport> {
+    use opentelemetry_sdk::trace::Sampler;
+    let ratio = config.otel_traces_sampler_arg.unwrap_or(1.0);
+    let sampler = match config.otel_traces_sampler {
+        TraceSampler::AlwaysOn => Sampler::AlwaysOn,
+        TraceSampler::AlwaysOff => Sampler::AlwaysOff,
+        TraceSampler::Traceidratio => Sampler::TraceIdRatioBased(ratio),
+        TraceSampler::ParentbasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        TraceSampler::ParentbasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        TraceSampler::ParentbasedTraceidratio => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+        }
+    };
+    Some(telemetry::TraceExport {
+        endpoint: config.otlp_endpoint.clone()?,
+        service_name: config.otel_service_name.clone(),
+        resource_attributes: config.otel_resource_attributes.clone(),
+        sampler,
+    })
 }
 
 /// Prints an error and its causes as one line, `rdev-api: what: why: why`.

@@ -41,6 +41,18 @@ impl FromStr for Secret {
     }
 }
 
+/// `OTEL_TRACES_SAMPLER`, by the specification's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Traceidratio,
+    ParentbasedAlwaysOn,
+    ParentbasedAlwaysOff,
+    ParentbasedTraceidratio,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -265,6 +277,36 @@ pub struct Config {
         default_value = "json"
     )]
     pub log_format: LogFormat,
+
+    /// OTLP/HTTP collector base URL (`http://HOST:4318`): traces go to `<URL>/v1/traces` as
+    /// protobuf, batched off the request path. Unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of exported spans (else `service.name` from `OTEL_RESOURCE_ATTRIBUTES`,
+    /// else `rdev-api`).
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
+    /// More resource attributes of exported spans: `key=value,key=value` (values
+    /// percent-encoded, as the OpenTelemetry specification says).
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_name = "OTEL_RESOURCE_ATTRIBUTES", value_delimiter = ',', value_parser = parse_resource_attribute)]
+    pub otel_resource_attributes: Vec<(String, String)>,
+
+    /// Which traces are sampled: `always_on`, `always_off`, `traceidratio`,
+    /// `parentbased_always_on` (default), `parentbased_always_off`, `parentbased_traceidratio`.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        value_name = "OTEL_TRACES_SAMPLER",
+        value_enum,
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: TraceSampler,
+
+    /// The ratio of the `*traceidratio` samplers, from 0 to 1 (default 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "OTEL_TRACES_SAMPLER_ARG", value_parser = parse_ratio)]
+    pub otel_traces_sampler_arg: Option<f64>,
 }
 
 impl Config {
@@ -387,6 +429,54 @@ fn parse_server_url(raw: &str) -> Result<String, String> {
     }
 }
 
+/// Export speaks plain HTTP (a collector or sidecar on the pod's network); `https` is refused
+/// at start rather than failing at every export.
+fn parse_otlp_endpoint(raw: &str) -> Result<String, String> {
+    let trimmed = raw.trim_end_matches('/');
+    match trimmed.strip_prefix("http://") {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+            Ok(trimmed.to_owned())
+        }
+        _ => Err("expected http://HOST[:PORT] (OTLP over HTTP/protobuf, without TLS)".into()),
+    }
+}
+
+fn parse_resource_attribute(raw: &str) -> Result<(String, String), String> {
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("`{raw}` is not key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("`{raw}` has an empty key"));
+    }
+    let value = percent_decode(value.trim()).ok_or_else(|| format!("`{raw}`: bad %-escape"))?;
+    Ok((key.to_owned(), value))
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_ratio(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err("expected a number from 0 to 1".into()),
+    }
+}
+
 fn parse_database_url(raw: &str) -> Result<Secret, String> {
     if raw.starts_with("sqlite:")
         || raw.starts_with("postgres://")
@@ -428,6 +518,57 @@ mod tests {
         assert_eq!(config.cache_ttl, Duration::from_secs(15));
         assert_eq!(config.trusted_proxies.len(), 2);
         assert!(format!("{config:?}").contains("Secret(..)"));
+    }
+
+    #[test]
+    fn opentelemetry_settings_parse_and_refuse_bad_values() {
+        let config = Config::try_parse_from([
+            "rdev-api",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318/",
+            "--otel-resource-attributes",
+            "deployment.environment=prod,team=a%2Cb",
+            "--otel-traces-sampler",
+            "parentbased_traceidratio",
+            "--otel-traces-sampler-arg",
+            "0.25",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(config.otel_service_name, None);
+        assert_eq!(
+            config.otel_resource_attributes,
+            [
+                ("deployment.environment".to_owned(), "prod".to_owned()),
+                ("team".to_owned(), "a,b".to_owned())
+            ]
+        );
+        assert_eq!(
+            config.otel_traces_sampler,
+            TraceSampler::ParentbasedTraceidratio
+        );
+        assert_eq!(config.otel_traces_sampler_arg, Some(0.25));
+        for bad in [
+            ["--otlp-endpoint", "https://collector:4318"],
+            ["--otlp-endpoint", "collector:4318"],
+            ["--otel-traces-sampler", "sometimes"],
+            ["--otel-traces-sampler-arg", "1.5"],
+            ["--otel-resource-attributes", "novalue"],
+        ] {
+            let error = Config::try_parse_from(["rdev-api", bad[0], bad[1]]).unwrap_err();
+            let env_name = bad[0]
+                .trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase();
+            let shown = error.to_string();
+            assert!(
+                shown.contains(&env_name) || shown.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                "{bad:?}: {shown}"
+            );
+        }
     }
 
     #[test]

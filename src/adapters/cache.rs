@@ -1,7 +1,8 @@
 //! Read-through caches in front of the key and project repositories (TTL = `CACHE_TTL`). A write
 //! through a wrapper drops its entry at once and tells the other replicas (a [`ChangeNotices`]
 //! hint), whose caches drop theirs when it arrives ([`ChangeListener`]); the TTL bounds
-//! staleness only when hints are lost (the bus down).
+//! staleness only when hints are lost (the bus down). Each lookup counts as a hit or a miss in
+//! `rdev_cache_requests_total{cache,result}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,8 @@ use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::{ApiKeyId, ProjectId};
 use crate::domain::project::Project;
 use crate::ports::{
-    ApiKeyRepository, ChangeListener, ChangeNotices, Changed, PortError, ProjectRepository,
+    ApiKeyRepository, CacheMetrics, ChangeListener, ChangeNotices, Changed, PortError,
+    ProjectRepository,
 };
 
 const MAX_ENTRIES: u64 = 10_000;
@@ -25,6 +27,7 @@ pub struct CachedApiKeys {
     /// By prefix; `None` remembers that no key has it.
     by_prefix: Cache<String, Option<ApiKey>>,
     notices: Arc<dyn ChangeNotices>,
+    metrics: Arc<dyn CacheMetrics>,
 }
 
 impl CachedApiKeys {
@@ -32,6 +35,7 @@ impl CachedApiKeys {
         inner: Arc<dyn ApiKeyRepository>,
         ttl: Duration,
         notices: Arc<dyn ChangeNotices>,
+        metrics: Arc<dyn CacheMetrics>,
     ) -> Self {
         Self {
             inner,
@@ -40,6 +44,7 @@ impl CachedApiKeys {
                 .time_to_live(ttl)
                 .build(),
             notices,
+            metrics,
         }
     }
 
@@ -87,8 +92,10 @@ impl ApiKeyRepository for CachedApiKeys {
 
     async fn find_by_prefix(&self, prefix: &str) -> Result<Option<ApiKey>, PortError> {
         if let Some(cached) = self.by_prefix.get(prefix).await {
+            self.metrics.cache_lookup("api_key", true);
             return Ok(cached);
         }
+        self.metrics.cache_lookup("api_key", false);
         let found = self.inner.find_by_prefix(prefix).await?;
         self.by_prefix
             .insert(prefix.to_owned(), found.clone())
@@ -117,6 +124,7 @@ pub struct CachedProjects {
     inner: Arc<dyn ProjectRepository>,
     by_id: Cache<ProjectId, Project>,
     notices: Arc<dyn ChangeNotices>,
+    metrics: Arc<dyn CacheMetrics>,
 }
 
 impl CachedProjects {
@@ -124,6 +132,7 @@ impl CachedProjects {
         inner: Arc<dyn ProjectRepository>,
         ttl: Duration,
         notices: Arc<dyn ChangeNotices>,
+        metrics: Arc<dyn CacheMetrics>,
     ) -> Self {
         Self {
             inner,
@@ -132,6 +141,7 @@ impl CachedProjects {
                 .time_to_live(ttl)
                 .build(),
             notices,
+            metrics,
         }
     }
 
@@ -170,8 +180,10 @@ impl ProjectRepository for CachedProjects {
 
     async fn get(&self, id: ProjectId) -> Result<Project, PortError> {
         if let Some(project) = self.by_id.get(&id).await {
+            self.metrics.cache_lookup("project", true);
             return Ok(project);
         }
+        self.metrics.cache_lookup("project", false);
         let project = self.inner.get(id).await?;
         self.by_id.insert(id, project.clone()).await;
         Ok(project)

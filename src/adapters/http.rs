@@ -11,6 +11,7 @@ pub mod ops;
 pub mod pods;
 pub mod problem;
 pub mod projects;
+pub mod trace_context;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ use utoipa::openapi::security::{
 };
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::ports::{HeapProfiler, OperatorMetrics};
+use crate::ports::{CpuProfiler, HeapProfiler, OperatorMetrics};
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::commands::CommandService;
@@ -80,6 +81,10 @@ pub struct Services {
     pub pods: Arc<PodService>,
     pub metrics: Arc<dyn OperatorMetrics>,
     pub profiler: Arc<dyn HeapProfiler>,
+    pub cpu_profiler: Arc<dyn CpuProfiler>,
+    /// Spans are exported (OTLP): every request gets one. Otherwise only a request that
+    /// brings a `traceparent` does, for its trace id in the logs.
+    pub export_traces: bool,
     pub client_ip: Arc<ClientIpResolver>,
     pub probe: Arc<dyn ReadinessProbe>,
     /// Cancelled when the server stops: event streams end.
@@ -151,7 +156,9 @@ pub fn router(state: AppState) -> Router {
         ServiceBuilder::new()
             .layer(middleware::map_request(drop_unacceptable_request_id))
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(trace_context::RequestSpans {
+                export: state.export_traces,
+            }))
             .layer(PropagateRequestIdLayer::new(request_id))
             .layer(CatchPanicLayer::custom(|_| {
                 tracing::error!("a handler panicked");
@@ -200,12 +207,17 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
+    let span = tracing::Span::current();
+    if !span.is_none() {
+        trace_context::record_route(&span, method, &route);
+    }
     let response = next.run(request).await;
-    state.metrics.http_request(
-        method,
-        &route,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    let status = response.status().as_u16();
+    if !span.is_none() {
+        trace_context::record_status(&span, status);
+    }
+    state
+        .metrics
+        .http_request(method, &route, status, started.elapsed());
     response
 }

@@ -1,40 +1,138 @@
-//! Logs, metrics and profiles: JSON logs through `tracing`, a Prometheus registry (built here,
-//! never the process-global default) with the `rdev_` metrics, and jemalloc heap profiles.
+//! Logs, traces, metrics and profiles: JSON logs through `tracing`, OpenTelemetry spans exported
+//! over OTLP/HTTP when a collector is configured, a Prometheus registry (built here, never the
+//! process-global default) with the `rdev_` metrics, jemalloc heap profiles and CPU profiles.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::domain::audit::AuditHead;
 use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
 use crate::ports::{
-    AuditHeads, CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics,
-    PortError,
+    AuditHeads, CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, CpuProfiler,
+    HeapProfiler, OperatorMetrics, PortError,
 };
 
-/// Installs the global log subscriber: JSON lines, or human text when `json` is false.
-pub fn init_logging(json: bool) {
+/// Where spans go: an OTLP/HTTP collector, with the resource and sampler the standard
+/// `OTEL_*` variables name.
+#[derive(Debug, Clone)]
+pub struct TraceExport {
+    /// Base URL; spans are posted to `<endpoint>/v1/traces`.
+    pub endpoint: String,
+    /// `OTEL_SERVICE_NAME` when given; else `service.name` from the attributes, else `rdev-api`.
+    pub service_name: Option<String>,
+    pub resource_attributes: Vec<(String, String)>,
+    pub sampler: Sampler,
+}
+
+/// Seconds one export may take before it is abandoned (a collector that accepts and never
+/// answers holds only the exporter's thread this long; requests never wait on it).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What [`init`] set up; [`Telemetry::shutdown`] flushes the spans still queued.
+#[must_use]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is queued (bounded by the export timeout) and stops the exporter thread.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "flushing spans at shutdown failed");
+            }
+        }
+    }
+}
+
+fn tracer_provider(
+    export: TraceExport,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    // Batched: ending a span is a bounded-queue push; a background thread posts batches (and
+    // drops spans when the queue is full rather than making anyone wait).
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(format!("{}/v1/traces", export.endpoint))
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()?;
+    let named = export
+        .resource_attributes
+        .iter()
+        .find(|(key, _)| key == "service.name")
+        .map(|(_, value)| value.clone());
+    let service_name = export
+        .service_name
+        .or(named)
+        .unwrap_or_else(|| "rdev-api".to_owned());
+    let resource = Resource::builder_empty()
+        .with_attributes(
+            export
+                .resource_attributes
+                .into_iter()
+                .map(|(key, value)| KeyValue::new(key, value)),
+        )
+        .with_service_name(service_name)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(export.sampler)
+        .with_resource(resource)
+        .build())
+}
+
+/// Installs the global subscriber: log lines (JSON, or human text when `json` is false) and,
+/// when `export` is given, OpenTelemetry spans. JSON lines logged inside a request carry its
+/// span's fields, the `trace_id` among them.
+pub fn init(
+    json: bool,
+    export: Option<TraceExport>,
+) -> Result<Telemetry, opentelemetry_otlp::ExporterBuildError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if json {
-        builder
-            .json()
+    let provider = export.map(tracer_provider).transpose()?;
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("rdev-api"))
+            .with_tracked_inactivity(false)
+            // Spans start when first asked for their context (or when they end), not when
+            // entered: the request span is named for its route template only after routing.
+            .with_context_activation(false)
+            .with_threads(false)
+    });
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if json {
+        logs.json()
             .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed()
     } else {
-        builder.try_init()
+        logs.boxed()
     };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init();
     // A second init (tests starting several servers) keeps the first subscriber.
     drop(result);
+    Ok(Telemetry { provider })
 }
 
 pub struct Metrics {
@@ -49,6 +147,7 @@ pub struct Metrics {
     audit_head: IntGauge,
     auth_failures: IntCounterVec,
     circuit_state: IntGaugeVec,
+    cache_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +211,20 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let cache_requests = IntCounterVec::new(
+            Opts::new(
+                "cache_requests_total",
+                "Key and project cache lookups by cache and result (hit or miss)",
+            ),
+            &["cache", "result"],
+        )?;
+        // Every series from the start, so a rate over them works before the first miss.
+        for cache in ["api_key", "project"] {
+            for result in ["hit", "miss"] {
+                cache_requests.with_label_values(&[cache, result]);
+            }
+        }
+        registry.register(Box::new(cache_requests.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -128,6 +241,7 @@ impl Metrics {
             audit_head,
             auth_failures,
             circuit_state,
+            cache_requests,
         })
     }
 }
@@ -224,5 +338,55 @@ impl CommandMetrics for Metrics {
 
     fn stream_closed(&self) {
         self.sse_active.dec();
+    }
+}
+
+impl CacheMetrics for Metrics {
+    fn cache_lookup(&self, cache: &'static str, hit: bool) {
+        self.cache_requests
+            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+}
+
+/// CPU profiles from the `pprof` crate's SIGPROF sampler, one at a time (the sampler is
+/// process-wide).
+#[derive(Debug, Default)]
+pub struct PprofCpuProfiler {
+    busy: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Samples per second: not a multiple of common timer frequencies, as Go's profiler picks.
+const CPU_SAMPLE_HZ: i32 = 99;
+
+#[async_trait]
+impl CpuProfiler for PprofCpuProfiler {
+    async fn cpu_profile(&self, duration: Duration) -> Result<Vec<u8>, PortError> {
+        let running = self
+            .busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| PortError::AlreadyExists("a CPU profile in progress"))?;
+        // The sampler's guard stays on one thread for the whole profile: a blocking-pool
+        // thread that sleeps while the signal handler samples every thread.
+        tokio::task::spawn_blocking(move || {
+            let _running = running;
+            let guard = pprof::ProfilerGuardBuilder::default()
+                .frequency(CPU_SAMPLE_HZ)
+                .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+                .build()
+                .map_err(|e| PortError::Unavailable(Box::new(e)))?;
+            std::thread::sleep(duration);
+            let profile = guard
+                .report()
+                .build()
+                .and_then(|report| report.pprof())
+                .map_err(PortError::backend)?;
+            let mut encoded = Vec::new();
+            pprof::protos::Message::encode(&profile, &mut encoded).map_err(PortError::backend)?;
+            Ok(encoded)
+        })
+        .await
+        .map_err(PortError::backend)?
     }
 }

@@ -58,3 +58,16 @@ pub trait HeapProfiler: Send + Sync {
     /// does not profile.
     async fn heap_profile(&self) -> Result<Vec<u8>, PortError>;
 }
+
+/// `rdev_cache_requests_total{cache,result}`; `cache` is `api_key` or `project`.
+pub trait CacheMetrics: Send + Sync {
+    fn cache_lookup(&self, cache: &'static str, hit: bool);
+}
+
+/// A CPU profile of this process.
+#[async_trait]
+pub trait CpuProfiler: Send + Sync {
+    /// Samples every thread for `duration`, as a pprof protobuf; `AlreadyExists` while another
+    /// profile is being taken.
+    async fn cpu_profile(&self, duration: Duration) -> Result<Vec<u8>, PortError>;
+}

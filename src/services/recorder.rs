@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::command::{OutputChunk, OutputStream};
 use crate::domain::ids::CommandId;
@@ -119,7 +120,10 @@ impl OutputRecorder {
     /// Starts the writer for `command`; `cap` is the most output bytes stored.
     pub fn start(command: CommandId, cap: u64, fence: Fence, ports: RecorderPorts) -> Self {
         let (records, rx) = mpsc::channel(WRITER_BACKLOG);
-        let writer = tokio::spawn(write_batches(command, fence, rx, ports.store, ports.bus));
+        // Its flushes are children of the command's span.
+        let writer = tokio::spawn(
+            write_batches(command, fence, rx, ports.store, ports.bus).in_current_span(),
+        );
         Self {
             command,
             cap,
@@ -246,7 +250,16 @@ async fn write_batches(
             // Fenced off: nothing more of this command may be stored or shown.
             continue;
         }
-        match store_with_retry(store.as_ref(), command, &fence, &chunks, progress).await {
+        let flush = tracing::info_span!(
+            "output.flush",
+            otel.kind = "internal",
+            command = %command,
+            chunks = chunks.len(),
+        );
+        match store_with_retry(store.as_ref(), command, &fence, &chunks, progress)
+            .instrument(flush)
+            .await
+        {
             Stored::Yes => {}
             // Followers read gaps from the store; what it lacks is not shown live either.
             Stored::Dropped => continue,

@@ -9,6 +9,7 @@ use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
 use bytes::Bytes;
@@ -113,6 +114,20 @@ enum StartError {
 }
 
 /// An error and its causes on one line, for the `error` field a client reads.
+/// The span of one command's run, from its claim to its recorded end; output flushes are its
+/// children. (Webhook deliveries, run elsewhere, follow the same pattern: an `info_span!` named
+/// `webhook.deliver` with the command id, `.instrument`ed onto the delivery future.)
+fn execution_span(command: &Command) -> tracing::Span {
+    tracing::info_span!(
+        "command.execute",
+        otel.kind = "internal",
+        command = %command.id,
+        project = %command.project_id,
+        status = tracing::field::Empty,
+        exit_code = tracing::field::Empty,
+    )
+}
+
 fn with_causes(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
@@ -173,20 +188,35 @@ impl WorkerPool {
                     }
                 }
             }
-            match self
+            let claim_span = tracing::info_span!(
+                "queue.claim",
+                otel.kind = "internal",
+                wanted = permits.len(),
+                claimed = tracing::field::Empty,
+            );
+            let claimed = self
                 .ports
                 .queue
                 .claim(&self.owner, self.settings.lease, permits.len())
-                .await
-            {
+                .instrument(claim_span.clone())
+                .await;
+            if let Ok(claims) = &claimed {
+                claim_span.record("claimed", claims.len());
+            }
+            drop(claim_span);
+            match claimed {
                 Ok(claims) if !claims.is_empty() => {
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         let pool = self.clone();
                         let (stop_running, finish_tx) = (stop_running.clone(), finish_tx.clone());
-                        running.spawn(async move {
-                            pool.run_claimed(claim, &stop_running, &finish_tx).await;
-                            drop(permit);
-                        });
+                        let span = execution_span(&claim.command);
+                        running.spawn(
+                            async move {
+                                pool.run_claimed(claim, &stop_running, &finish_tx).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                 }
                 Ok(_) => {
@@ -396,6 +426,11 @@ impl WorkerPool {
             Ok(()) => written.await.unwrap_or(Err(FinishError::FinisherStopped)),
             Err(_) => Err(FinishError::FinisherStopped),
         };
+        let span = tracing::Span::current();
+        span.record("status", outcome.status.as_str());
+        if let Some(code) = outcome.exit_code {
+            span.record("exit_code", code);
+        }
         match result {
             Ok(_) => tracing::info!(
                 command = %id,

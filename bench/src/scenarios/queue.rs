@@ -115,6 +115,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
                 Arc::new(store.projects()),
                 Duration::from_secs(30),
                 bus.clone(),
+                metrics.clone(),
             )),
             output: Arc::new(store.output_store()),
             bus: bus.clone(),

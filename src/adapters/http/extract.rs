@@ -216,29 +216,6 @@ pub fn acceptable_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero), or
-/// `None` for anything else: what a client sends lands in audit rows and logs only when it has
-/// exactly this shape.
-fn w3c_trace_id(traceparent: &str) -> Option<String> {
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let mut parts = traceparent.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let valid = hex(version, 2)
-        && version != "ff"
-        && (version != "00" || parts.next().is_none())
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && hex(flags, 2);
-    valid.then(|| trace.to_owned())
-}
-
 /// What a request presents about itself before it is authenticated.
 pub struct Credentials {
     pub presented: Option<String>,
@@ -285,7 +262,8 @@ impl Credentials {
                     .then(|| token.trim().to_owned())
             })
             .or_else(|| header_text("x-api-key"));
-        let trace_id = header_text("traceparent").and_then(|tp| w3c_trace_id(&tp));
+        let trace_id =
+            super::trace_context::request_trace_id(header_text("traceparent").as_deref());
         let local = peer.is_some_and(|peer| peer.to_canonical().is_loopback())
             && !FORWARDING_HEADERS
                 .iter()
@@ -314,7 +292,10 @@ impl Credentials {
             .authenticate(self.presented.as_deref(), client_ip, self.context)
             .await
         {
-            Ok(caller) => Ok(caller),
+            Ok(caller) => {
+                super::trace_context::record_key(&caller.key_id);
+                Ok(caller)
+            }
             Err(ServiceError::Unauthenticated(reason)) => {
                 state.metrics.auth_failure(reason.as_str());
                 tracing::warn!(
@@ -470,6 +451,9 @@ mod tests {
     #[test]
     fn only_a_well_formed_traceparent_gives_a_trace_id() {
         let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let w3c_trace_id = |header: &str| {
+            crate::domain::trace::TraceParent::parse(header).map(|p| p.trace_id().to_owned())
+        };
         assert_eq!(
             w3c_trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
             Some(id)

@@ -1,11 +1,12 @@
-//! Operations endpoints outside `/api/v1`: `/health`, `/ready`, `/metrics`, `/debug/pprof/heap`.
+//! Operations endpoints outside `/api/v1`: `/health`, `/ready`, `/metrics`, `/debug/pprof/heap`
+//! and `/debug/pprof/profile` (CPU).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -20,6 +21,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ready))
         .routes(routes!(metrics))
         .routes(routes!(heap_profile))
+        .routes(routes!(cpu_profile))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -80,6 +82,61 @@ async fn heap_profile(
             (
                 header::CONTENT_DISPOSITION,
                 "attachment; filename=\"heap.pb.gz\"",
+            ),
+        ],
+        profile,
+    )
+        .into_response())
+}
+
+/// Longest CPU profile one request may ask for, in seconds.
+pub const MAX_CPU_PROFILE_SECS: u64 = 60;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CpuProfileQuery {
+    /// Seconds to sample, 1 to 60 (default 30, as `go tool pprof` asks).
+    pub seconds: Option<u64>,
+}
+
+/// A CPU profile (pprof protobuf; `go tool pprof` reads it), sampled for `seconds`. Same access
+/// rule as the heap profile; one profile at a time (409 while another is being taken).
+#[utoipa::path(get, path = "/debug/pprof/profile", tag = "operations", params(CpuProfileQuery),
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses((status = 200, content_type = "application/octet-stream"), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 409, body = Problem),
+        (status = 503, body = Problem)))]
+async fn cpu_profile(
+    State(state): State<AppState>,
+    _access: AdminOrLocal,
+    query: Result<Query<CpuProfileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let seconds = match query {
+        Ok(Query(CpuProfileQuery { seconds })) => seconds.unwrap_or(30),
+        Err(rejection) => {
+            return Err(ApiError::BadParameter {
+                what: "seconds",
+                detail: rejection.body_text(),
+            });
+        }
+    };
+    if !(1..=MAX_CPU_PROFILE_SECS).contains(&seconds) {
+        return Err(ApiError::BadParameter {
+            what: "seconds",
+            detail: format!("must be from 1 to {MAX_CPU_PROFILE_SECS}"),
+        });
+    }
+    let profile = state
+        .cpu_profiler
+        .cpu_profile(std::time::Duration::from_secs(seconds))
+        .await
+        .map_err(|e| ApiError::Service(ServiceError::from_port(e, "CPU profile")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"profile.pb\"",
             ),
         ],
         profile,
