@@ -224,7 +224,13 @@ async fn request_span_joins_the_callers_trace_and_reaches_the_collector() {
         "{audit}"
     );
 
-    // A command leaves its claim, its run and its output flushes.
+    // A command leaves its run and its output flushes; a claim while one runs leaves a span.
+    let sleeper = server
+        .submit(
+            project["id"].as_str().unwrap(),
+            json!({"command": "sleep 1"}),
+        )
+        .await;
     let command = server
         .submit(
             project["id"].as_str().unwrap(),
@@ -252,6 +258,9 @@ async fn request_span_joins_the_callers_trace_and_reaches_the_collector() {
         .await;
     assert_eq!(flush.span.trace_id, run.span.trace_id);
     assert_eq!(flush.span.parent_span_id, run.span.span_id);
+    server
+        .wait_for(&sleeper, Some("succeeded"), Duration::from_secs(30))
+        .await;
     collector
         .span(|r| {
             r.span.name == "queue.claim"

@@ -164,6 +164,7 @@ impl WorkerPool {
         let reaper = tokio::spawn(self.clone().reap_loop(draining.clone()));
         let slots = Arc::new(Semaphore::new(self.settings.workers));
         let mut running = JoinSet::new();
+        let mut found_work = true;
         loop {
             while running.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -188,12 +189,23 @@ impl WorkerPool {
                     }
                 }
             }
-            let claim_span = tracing::info_span!(
-                "queue.claim",
-                otel.kind = "internal",
-                wanted = permits.len(),
-                claimed = tracing::field::Empty,
-            );
+            // An idle replica's polls are not traced (one span a second per replica says
+            // nothing); claims while commands run, or right after one found work, are.
+            let claim_span = if running.is_empty() && !found_work {
+                tracing::debug_span!(
+                    "queue.claim",
+                    otel.kind = "internal",
+                    wanted = permits.len(),
+                    claimed = tracing::field::Empty
+                )
+            } else {
+                tracing::info_span!(
+                    "queue.claim",
+                    otel.kind = "internal",
+                    wanted = permits.len(),
+                    claimed = tracing::field::Empty
+                )
+            };
             let claimed = self
                 .ports
                 .queue
@@ -203,6 +215,7 @@ impl WorkerPool {
             if let Ok(claims) = &claimed {
                 claim_span.record("claimed", claims.len());
             }
+            found_work = claimed.as_ref().is_ok_and(|claims| !claims.is_empty());
             drop(claim_span);
             match claimed {
                 Ok(claims) if !claims.is_empty() => {
