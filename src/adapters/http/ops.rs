@@ -96,6 +96,7 @@ pub const MAX_CPU_PROFILE_SECS: u64 = 60;
 #[into_params(parameter_in = Query)]
 pub struct CpuProfileQuery {
     /// Seconds to sample, 1 to 60 (default 30, as `go tool pprof` asks).
+    #[param(minimum = 1, maximum = 60)]
     pub seconds: Option<u64>,
 }
 
