@@ -377,7 +377,15 @@ async fn a_dead_collector_does_not_slow_requests() {
             held.lock().unwrap().push(socket);
         }
     });
-    let process = exporting_to(&db, &endpoint).await;
+    let process = ServerProcess::start(
+        &db,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            FAST_EXPORT,
+            ("RDEV_DRAIN_DELAY_SECS", "0"),
+        ],
+    )
+    .await;
     // Far below the 10 s one hung export takes: no request waits on the exporter.
     requests_stay_fast(&process.server, Duration::from_secs(8)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -386,6 +394,24 @@ async fn a_dead_collector_does_not_slow_requests() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     requests_stay_fast(&process.server, Duration::from_secs(8)).await;
+
+    // Nor does it hold the process at exit (no drain delay here): the last flush, stuck behind
+    // the hung export (10 s timeout), is abandoned within seconds.
+    let mut process = process;
+    let pid = process.child.id().unwrap() as i32;
+    // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let stopping = Instant::now();
+    let exited = tokio::time::timeout(Duration::from_secs(30), process.child.wait())
+        .await
+        .expect("the server exits")
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(6),
+        "exit took {:?}",
+        stopping.elapsed()
+    );
 
     // A closed port: the exporter's connections are refused at once; requests go on.
     let closed = {

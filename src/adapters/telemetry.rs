@@ -43,6 +43,9 @@ pub struct TraceExport {
 /// answers holds only the exporter's thread this long; requests never wait on it).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest wait for the last spans at exit.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
 /// What [`init`] set up; [`Telemetry::shutdown`] flushes the spans still queued.
 #[must_use]
 pub struct Telemetry {
@@ -50,12 +53,19 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Exports what is queued (bounded by the export timeout) and stops the exporter thread.
+    /// Exports what is queued and stops the exporter thread, waiting at most
+    /// [`SHUTDOWN_FLUSH`]: a dead collector must not hold the process after its drain.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
-            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-            if let Ok(Err(error)) = flushed {
-                tracing::warn!(%error, "flushing spans at shutdown failed");
+            // A plain thread, not `spawn_blocking`: the runtime would wait for that at exit.
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || done.send(provider.shutdown()));
+            match tokio::time::timeout(SHUTDOWN_FLUSH, flushed).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "flushing spans at shutdown failed"),
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!("flushing spans at shutdown did not finish; they are lost")
+                }
             }
         }
     }
