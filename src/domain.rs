@@ -7,6 +7,7 @@ pub mod command;
 pub mod error;
 pub mod ids;
 pub mod project;
+pub mod rate_limit;
 pub mod trace;
 pub mod validation;
 
