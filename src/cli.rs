@@ -37,6 +37,10 @@ pub enum KeysAction {
         /// A CIDR or address the key may be used from (repeatable; none means any).
         #[arg(long = "allowed-ip", value_name = "CIDR")]
         allowed_ips: Vec<String>,
+        /// This key's own request rate limit (`100/60s`); without it the server's
+        /// `RDEV_RATE_LIMIT` applies.
+        #[arg(long, value_name = "N/WINDOW")]
+        rate_limit: Option<String>,
         /// Expire after this long (`90d`, `12h`).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,

@@ -23,10 +23,11 @@ use crate::domain::project::{
     EnvVars, ExecutorKind, KubeLabelName, KubeTarget, LabelSelector, PodName, PodRef, Project,
     ProjectName, Workdir,
 };
+use crate::domain::rate_limit::RateLimit;
 use crate::ports::{AuditHeads, Page, PortError, ProjectLoad, QueueSummary};
 
-pub const KEY_COLUMNS: &str = "id, name, prefix, secret_hash, scopes, project_ids, created_at, \
-    created_by, expires_at, revoked_at, last_used_at";
+pub const KEY_COLUMNS: &str = "id, name, prefix, secret_hash, scopes, project_ids, rate_limit, \
+    created_at, created_by, expires_at, revoked_at, last_used_at";
 pub const PROJECT_COLUMNS: &str = "id, name, description, namespace, pod, selector, container, \
     workdir, env, max_concurrency, default_timeout_secs, executor, created_at, updated_at";
 pub const COMMAND_COLUMNS: &str = "id, project_id, command, env, priority, timeout_secs, status, \
@@ -122,6 +123,10 @@ pub fn key_from_row(row: &impl Cells, allowed_ips: &[String]) -> Result<ApiKey, 
         scopes: Scopes::from_csv(&row.text("scopes")?).map_err(|e| corrupt("scopes", e))?,
         allowed_ips: AllowedIps::parse(allowed_ips).map_err(|e| corrupt("allowed IPs", e))?,
         project_ids: project_ids.into_iter().map(ProjectId::from_uuid).collect(),
+        rate_limit: row
+            .opt_text("rate_limit")?
+            .map(|raw| RateLimit::parse(&raw).map_err(|e| corrupt("key rate limit", e)))
+            .transpose()?,
         created_at: row.time("created_at")?,
         created_by: row.opt_uuid("created_by")?.map(ApiKeyId::from_uuid),
         expires_at: row.opt_time("expires_at")?,
@@ -307,6 +312,7 @@ where
     Option<Uuid>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     OffsetDateTime: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<OffsetDateTime>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
@@ -318,6 +324,7 @@ where
             .push_bind(key.secret_hash.as_str())
             .push_bind(key.scopes.to_csv())
             .push_bind(project_ids_json(key))
+            .push_bind(key.rate_limit.map(|rate| rate.to_string()))
             .push_bind(key.created_at)
             .push_bind(key.created_by.map(|k| k.as_uuid()))
             .push_bind(key.expires_at)

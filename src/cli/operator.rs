@@ -11,6 +11,7 @@ use crate::app;
 use crate::config::DatabaseConfig;
 use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, Scopes};
 use crate::domain::ids::{ApiKeyId, ProjectId};
+use crate::domain::rate_limit::RateLimit;
 use crate::services::Caller;
 use crate::services::api_keys::NewKey;
 
@@ -59,6 +60,7 @@ async fn run_keys(admin: &app::KeyAdmin, action: KeysAction) -> Result<(), Opera
             scopes,
             project_ids,
             allowed_ips,
+            rate_limit,
             expires_in,
         } => {
             let invalid = |field| {
@@ -72,6 +74,11 @@ async fn run_keys(admin: &app::KeyAdmin, action: KeysAction) -> Result<(), Opera
                 scopes: Scopes::parse(&scopes).map_err(invalid("--scopes"))?,
                 allowed_ips: AllowedIps::parse(&allowed_ips).map_err(invalid("--allowed-ip"))?,
                 project_ids: project_ids.into_iter().map(ProjectId::from_uuid).collect(),
+                rate_limit: rate_limit
+                    .as_deref()
+                    .map(RateLimit::parse)
+                    .transpose()
+                    .map_err(invalid("--rate-limit"))?,
                 expires_at: expires_in.map(|d| OffsetDateTime::now_utc() + d),
             };
             let issued = admin.keys.create(&operator, new).await?;

@@ -15,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::audit::ChangedFields;
 use super::ids::{ApiKeyId, ProjectId};
+use super::rate_limit::RateLimit;
 use super::validation::Rule;
 
 /// Characters of the lookup prefix of a key.
@@ -282,6 +283,8 @@ pub struct ApiKey {
     pub allowed_ips: AllowedIps,
     /// Projects this key may see and use; empty means all.
     pub project_ids: Vec<ProjectId>,
+    /// This key's own request rate limit; `None` follows the server's `RDEV_RATE_LIMIT`.
+    pub rate_limit: Option<RateLimit>,
     pub created_at: OffsetDateTime,
     pub created_by: Option<ApiKeyId>,
     pub expires_at: Option<OffsetDateTime>,
@@ -404,6 +407,7 @@ mod tests {
             scopes: Scopes::parse(&["read"]).unwrap(),
             allowed_ips: AllowedIps::parse(allowed).unwrap(),
             project_ids: vec![],
+            rate_limit: None,
             created_at: OffsetDateTime::now_utc(),
             created_by: None,
             expires_at: None,

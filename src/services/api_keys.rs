@@ -12,6 +12,7 @@ use crate::domain::api_key::{
 };
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
 use crate::domain::ids::{ApiKeyId, ProjectId};
+use crate::domain::rate_limit::RateLimit;
 use crate::ports::{ApiKeyRepository, Clock, PortError};
 
 use super::auth_failures::FailedAuthentications;
@@ -24,6 +25,8 @@ pub struct NewKey {
     pub scopes: Scopes,
     pub allowed_ips: AllowedIps,
     pub project_ids: Vec<ProjectId>,
+    /// `None` follows the server default.
+    pub rate_limit: Option<RateLimit>,
     pub expires_at: Option<OffsetDateTime>,
 }
 
@@ -34,6 +37,8 @@ pub struct KeyChanges {
     pub scopes: Option<Scopes>,
     pub allowed_ips: Option<AllowedIps>,
     pub project_ids: Option<Vec<ProjectId>>,
+    /// `Some(None)` returns the key to the server default.
+    pub rate_limit: Option<Option<RateLimit>>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<OffsetDateTime>>,
 }
@@ -136,6 +141,7 @@ impl ApiKeyService {
             key_id: key.id,
             scopes: key.scopes,
             project_ids: key.project_ids,
+            rate_limit: key.rate_limit,
             context: AuditContext {
                 actor: Some(key.id),
                 ..context
@@ -197,6 +203,7 @@ impl ApiKeyService {
             scopes: Scopes::admin(),
             allowed_ips: AllowedIps::default(),
             project_ids: vec![],
+            rate_limit: None,
             created_at: now,
             created_by: None,
             expires_at: None,
@@ -236,6 +243,7 @@ impl ApiKeyService {
             scopes: new.scopes,
             allowed_ips: new.allowed_ips,
             project_ids: new.project_ids,
+            rate_limit: new.rate_limit,
             created_at: now,
             // The acting key; none for an operator working on the database directly.
             created_by: caller.context.actor,
@@ -283,6 +291,9 @@ impl ApiKeyService {
         }
         if let Some(project_ids) = changes.project_ids {
             key.project_ids = project_ids;
+        }
+        if let Some(rate_limit) = changes.rate_limit {
+            key.rate_limit = rate_limit;
         }
         if let Some(expires_at) = changes.expires_at {
             key.expires_at = expires_at;
@@ -340,6 +351,7 @@ impl ApiKeyService {
                 "prefix": key.prefix,
                 "scopes": key.scopes.to_csv(),
                 "allowed_ips": key.allowed_ips.as_slice().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                "rate_limit": key.rate_limit.map(|rate| rate.to_string()),
             }),
         )
     }

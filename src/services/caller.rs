@@ -3,6 +3,7 @@
 use crate::domain::api_key::{Scope, Scopes};
 use crate::domain::audit::AuditContext;
 use crate::domain::ids::{ApiKeyId, ProjectId};
+use crate::domain::rate_limit::RateLimit;
 
 use super::ServiceError;
 
@@ -12,6 +13,8 @@ pub struct Caller {
     pub scopes: Scopes,
     /// Projects the key may see; empty means all.
     pub project_ids: Vec<ProjectId>,
+    /// The key's own request rate limit; `None` follows the server default.
+    pub rate_limit: Option<RateLimit>,
     pub context: AuditContext,
 }
 
@@ -24,6 +27,7 @@ impl Caller {
             key_id: ApiKeyId::from_uuid(uuid::Uuid::nil()),
             scopes: Scopes::admin(),
             project_ids: vec![],
+            rate_limit: None,
             context: AuditContext::system(),
         }
     }

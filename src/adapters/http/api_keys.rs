@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::domain::Validation;
 use crate::domain::api_key::{AllowedIps, ApiKey, KeyName, Scope, Scopes};
 use crate::domain::ids::{ApiKeyId, ProjectId};
+use crate::domain::rate_limit::RateLimit;
 use crate::services::Caller;
 use crate::services::api_keys::{IssuedKey, KeyChanges, NewKey};
 
@@ -42,6 +43,10 @@ pub struct ApiKeyResponse {
     pub scopes: Vec<Scope>,
     pub allowed_ips: Vec<String>,
     pub project_ids: Vec<Uuid>,
+    /// This key's request rate limit (`600/60s`: requests per sliding window); `null` when the
+    /// server default (`RDEV_RATE_LIMIT`) applies.
+    #[schema(example = "600/60s")]
+    pub rate_limit: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     pub created_by: Option<Uuid>,
@@ -67,6 +72,7 @@ impl From<ApiKey> for ApiKeyResponse {
                 .map(ToString::to_string)
                 .collect(),
             project_ids: key.project_ids.iter().map(ProjectId::as_uuid).collect(),
+            rate_limit: key.rate_limit.map(|rate| rate.to_string()),
             created_at: key.created_at,
             created_by: key.created_by.map(|k| k.as_uuid()),
             expires_at: key.expires_at,
@@ -119,6 +125,11 @@ pub struct CreateApiKeyRequest {
     /// Projects the key may see and use; empty or absent means all.
     #[serde(default)]
     pub project_ids: Vec<Uuid>,
+    /// Requests per sliding window for this key (`100/60s`; units `s`, `m`, `h`); absent or
+    /// `null` for the server default.
+    #[serde(default)]
+    #[schema(example = "100/60s")]
+    pub rate_limit: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
 }
@@ -130,12 +141,16 @@ impl TryFrom<CreateApiKeyRequest> for NewKey {
         let name = v.check("/name", KeyName::parse(body.name));
         let scopes = v.check("/scopes", Scopes::parse(&body.scopes));
         let allowed_ips = v.check("/allowed_ips", AllowedIps::parse(&body.allowed_ips));
+        let rate_limit = body
+            .rate_limit
+            .map(|raw| v.check("/rate_limit", RateLimit::parse(&raw)));
         v.finish().map_err(ApiError::from_domain)?;
         Ok(NewKey {
             name: name.expect("checked"),
             scopes: scopes.expect("checked"),
             allowed_ips: allowed_ips.expect("checked"),
             project_ids: unique_projects(body.project_ids),
+            rate_limit: rate_limit.flatten(),
             expires_at: body.expires_at,
         })
     }
@@ -169,6 +184,10 @@ pub struct UpdateApiKeyRequest {
     pub scopes: Option<Vec<String>>,
     pub allowed_ips: Option<Vec<String>>,
     pub project_ids: Option<Vec<Uuid>>,
+    /// Requests per sliding window for this key (`100/60s`), or `null` for the server default.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, example = "100/60s")]
+    rate_limit: Option<Option<String>>,
     /// An RFC 3339 time, or `null` to remove the expiry.
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -184,12 +203,17 @@ impl TryFrom<UpdateApiKeyRequest> for KeyChanges {
         let allowed_ips = body
             .allowed_ips
             .map(|ips| v.check("/allowed_ips", AllowedIps::parse(&ips)));
+        let rate_limit = body
+            .rate_limit
+            .map(|rate| rate.map(|raw| v.check("/rate_limit", RateLimit::parse(&raw))));
         v.finish().map_err(ApiError::from_domain)?;
         Ok(KeyChanges {
             name: name.flatten(),
             scopes: scopes.flatten(),
             allowed_ips: allowed_ips.flatten(),
             project_ids: body.project_ids.map(unique_projects),
+            // Checked above: a `Some(None)` here is an explicit `null`, not a failed parse.
+            rate_limit: rate_limit.map(Option::flatten),
             expires_at: body.expires_at.map(|at| at.map(|Rfc3339(at)| at)),
         })
     }
@@ -247,7 +271,7 @@ async fn get_api_key(
     Ok(Json(state.keys.get(&caller, id).await?.into()))
 }
 
-/// Changes a key's name, scopes, allowlist, projects or expiry (admin).
+/// Changes a key's name, scopes, allowlist, projects, rate limit or expiry (admin).
 #[utoipa::path(patch, path = "/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
     request_body = UpdateApiKeyRequest, security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ApiKeyResponse), (status = 404, body = Problem), (status = 422, body = Problem)))]

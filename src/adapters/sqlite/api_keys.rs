@@ -78,7 +78,8 @@ impl ApiKeyRepository for SqliteApiKeyRepository {
         let mut tx = self.db.begin().await?;
         let updated = sqlx::query(
             "UPDATE api_keys SET name = $2, prefix = $3, secret_hash = $4, scopes = $5, \
-             project_ids = $6, expires_at = $7, revoked_at = COALESCE(revoked_at, $8) WHERE id = $1",
+             project_ids = $6, expires_at = $7, revoked_at = COALESCE(revoked_at, $8), \
+             rate_limit = $9 WHERE id = $1",
         )
         .bind(key.id.as_uuid())
         .bind(key.name.as_str())
@@ -88,6 +89,7 @@ impl ApiKeyRepository for SqliteApiKeyRepository {
         .bind(project_ids_json(key))
         .bind(key.expires_at)
         .bind(key.revoked_at)
+        .bind(key.rate_limit.map(|rate| rate.to_string()))
         .execute(&mut *tx)
         .await
         .map_err(|e| translate(e, KEY_TAKEN))?;
