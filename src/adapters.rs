@@ -6,6 +6,7 @@ pub mod cache;
 pub mod http;
 pub mod kube;
 pub mod local;
+pub mod memory;
 pub mod pipe;
 pub mod postgres;
 pub mod sql;

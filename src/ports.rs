@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod output;
 pub mod pods;
 pub mod projects;
+pub mod rate_limit;
 pub mod secrets;
 
 pub use api_keys::ApiKeyRepository;
@@ -32,6 +33,7 @@ pub use output::{
 };
 pub use pods::{PodError, PodManager, PodStatus};
 pub use projects::ProjectRepository;
+pub use rate_limit::RateLimiter;
 pub use secrets::SharedSecrets;
 
 /// A page of results and the cursor of the next one.

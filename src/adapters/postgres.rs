@@ -1,6 +1,6 @@
 //! The Postgres backend for several replicas: one pool shared by a unit per port
 //! ([`PgApiKeyRepository`], [`PgProjectRepository`], [`PgAuditLog`], [`PgCommandStore`],
-//! [`PgCommandQueue`], [`PgOutputStore`]) and the `LISTEN/NOTIFY` relay in [`notify`]. The queue
+//! [`PgCommandQueue`], [`PgOutputStore`], [`PgRateLimiter`]) and the `LISTEN/NOTIFY` relay in [`notify`]. The queue
 //! is claimed with row locks and `SKIP LOCKED`, audit appends are serialised with an advisory
 //! lock, and leases run on the database's clock.
 
@@ -11,6 +11,7 @@ pub mod notify;
 pub mod output;
 pub mod projects;
 pub mod queue;
+pub mod rate_limit;
 pub mod secrets;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub use notify::PgRelay;
 pub use output::PgOutputStore;
 pub use projects::PgProjectRepository;
 pub use queue::PgCommandQueue;
+pub use rate_limit::PgRateLimiter;
 pub use secrets::PgSharedSecrets;
 
 use crate::adapters::sql::{Sealing, StoreError};
@@ -83,6 +85,11 @@ impl PgDatabase {
 
     pub fn output_store(&self) -> PgOutputStore {
         PgOutputStore::new(self.pool.clone())
+    }
+
+    /// The rate limiter on the database clock, or on `clock` when one is given (tests).
+    pub fn rate_limiter(&self, clock: Option<Arc<dyn Clock>>) -> PgRateLimiter {
+        PgRateLimiter::new(self.pool.clone(), clock)
     }
 
     pub fn shared_secrets(&self) -> PgSharedSecrets {
