@@ -12,19 +12,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
+use crate::adapters::http::limits::AuthFailureGuard;
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::kube::{KubeApi, KubeExecutor, KubePodManager, KubeSetupError, KubeSource};
 use crate::adapters::local::{LocalExecutor, RunAs};
+use crate::adapters::memory::MemoryRateLimiter;
 use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics, PprofCpuProfiler};
-use crate::config::{Config, Secret};
+use crate::config::{Config, ConfigError, RateLimitBackend, Secret};
 use crate::domain::audit::AuditKey;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
-    Executor, OutputBus, OutputStore, PodManager, ProjectRepository, SharedSecrets, WorkSignal,
+    Executor, OutputBus, OutputStore, PodManager, ProjectRepository, RateLimiter, SharedSecrets,
+    WorkSignal,
 };
 use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
@@ -34,6 +37,7 @@ use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimit
 use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
 use crate::services::pods::{PodService, PodServicePorts};
 use crate::services::projects::ProjectService;
+use crate::services::rate_limits::RequestLimits;
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
 /// The name of the stream token signing key in the shared secrets.
@@ -47,6 +51,8 @@ const AUTH_FAILURE_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot open the database (DATABASE_URL)")]
     Database(#[source] StoreError),
     #[error("cannot read or create the audit key file beside the database (RDEV_AUDIT_KEY)")]
@@ -286,6 +292,7 @@ pub async fn build_with_clock(
     listener: TcpListener,
     clock: Arc<dyn Clock>,
 ) -> Result<App, StartupError> {
+    let rate_limit_backend = config.rate_limit_backend()?;
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
@@ -444,8 +451,18 @@ pub async fn build_with_clock(
         },
         Duration::from_secs(config.pod_restart_wait_secs),
     ));
+    let limiter: Arc<dyn RateLimiter> = match (rate_limit_backend, &storage) {
+        // On the database clock, which every replica shares.
+        (RateLimitBackend::Postgres, Storage::Postgres(db)) => Arc::new(db.rate_limiter(None)),
+        (RateLimitBackend::Postgres, Storage::Sqlite(_)) => {
+            unreachable!("the configuration refuses Postgres rate limits without Postgres")
+        }
+        (RateLimitBackend::Memory, _) => Arc::new(MemoryRateLimiter::new(clock.clone())),
+    };
     let state = AppState::new(Services {
         keys: keys.clone(),
+        limits: Arc::new(RequestLimits::new(limiter, config.rate_limit)),
+        auth_guard: Arc::new(AuthFailureGuard::new(config.auth_failure_limit)),
         projects,
         pods,
         audit: Arc::new(AuditService::new(ports.audit)),

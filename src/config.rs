@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use crate::cli::{CommandsAction, KeysAction, ProjectsAction, RunArgs};
 use crate::domain::project::ExecutorKind;
+use crate::domain::rate_limit::RateLimit;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://rdev.db";
 
@@ -51,6 +52,15 @@ pub enum TraceSampler {
     ParentbasedAlwaysOn,
     ParentbasedAlwaysOff,
     ParentbasedTraceidratio,
+}
+
+/// Where request rate limits are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateLimitBackend {
+    /// In this process: exact for one replica, no I/O per request.
+    Memory,
+    /// In the `rate_limiting` table: exact across replicas, one statement per request.
+    Postgres,
 }
 
 /// Log line format.
@@ -164,6 +174,26 @@ pub struct Config {
         default_value_t = 20
     )]
     pub shutdown_grace_secs: u64,
+
+    /// Requests per API key in any sliding window (`600/60s`; units s, m, h), unless the key
+    /// has its own `rate_limit`.
+    #[arg(long, env = "RDEV_RATE_LIMIT", value_name = "RDEV_RATE_LIMIT", default_value = "600/60s", value_parser = parse_rate_limit)]
+    pub rate_limit: RateLimit,
+
+    /// Where rate limits are counted: `memory` (one replica) or `postgres` (shared by
+    /// replicas). Default: `postgres` with a Postgres `DATABASE_URL`, else `memory`.
+    #[arg(
+        long,
+        env = "RDEV_RATE_LIMIT_BACKEND",
+        value_name = "RDEV_RATE_LIMIT_BACKEND",
+        value_enum
+    )]
+    pub rate_limit_backend: Option<RateLimitBackend>,
+
+    /// Failed or missing authentications per client address (`30/60s`: a burst of 30, then one
+    /// every 2 s); past it the address gets 429 before its key is looked up.
+    #[arg(long, env = "RDEV_AUTH_FAILURE_LIMIT", value_name = "RDEV_AUTH_FAILURE_LIMIT", default_value = "30/60s", value_parser = parse_rate_limit)]
+    pub auth_failure_limit: RateLimit,
 
     /// How long API keys and projects are cached (e.g. `30s`, `5m`).
     #[arg(long, env = "CACHE_TTL", value_name = "CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -324,6 +354,33 @@ impl Config {
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.lease_secs)
     }
+
+    /// True when `DATABASE_URL` names Postgres.
+    pub fn uses_postgres(&self) -> bool {
+        self.database_url.expose().starts_with("postgres")
+    }
+
+    /// The rate limit backend: the configured one, else the one that goes with the storage.
+    /// Postgres counters need a Postgres database.
+    pub fn rate_limit_backend(&self) -> Result<RateLimitBackend, ConfigError> {
+        match (self.rate_limit_backend, self.uses_postgres()) {
+            (Some(RateLimitBackend::Postgres), false) => Err(ConfigError {
+                variable: "RDEV_RATE_LIMIT_BACKEND",
+                message: "`postgres` needs a Postgres DATABASE_URL".into(),
+            }),
+            (Some(backend), _) => Ok(backend),
+            (None, true) => Ok(RateLimitBackend::Postgres),
+            (None, false) => Ok(RateLimitBackend::Memory),
+        }
+    }
+}
+
+/// Settings that parse one by one but do not fit together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {variable}: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
 }
 
 /// The command line. Without a subcommand it serves, taking the server's flags directly (so
@@ -495,6 +552,10 @@ fn parse_cidr(raw: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("`{raw}` is not a CIDR or IP address"))
 }
 
+fn parse_rate_limit(raw: &str) -> Result<RateLimit, String> {
+    RateLimit::parse(raw).map_err(|rule| rule.0)
+}
+
 fn parse_executor(raw: &str) -> Result<ExecutorKind, String> {
     ExecutorKind::parse(raw).map_err(|rule| rule.0)
 }
@@ -628,5 +689,60 @@ mod tests {
         let error =
             Config::try_parse_from(["rdev-api", "--database-url", "mysql://x"]).unwrap_err();
         assert!(error.to_string().contains("DATABASE_URL"), "{error}");
+        for bad in ["600", "0/60s", "600/60d", "lots"] {
+            let error = Config::try_parse_from(["rdev-api", "--rate-limit", bad]).unwrap_err();
+            assert!(error.to_string().contains("RDEV_RATE_LIMIT"), "{error}");
+            let error =
+                Config::try_parse_from(["rdev-api", "--auth-failure-limit", bad]).unwrap_err();
+            assert!(
+                error.to_string().contains("RDEV_AUTH_FAILURE_LIMIT"),
+                "{error}"
+            );
+        }
+        let error =
+            Config::try_parse_from(["rdev-api", "--rate-limit-backend", "redis"]).unwrap_err();
+        assert!(
+            error.to_string().contains("RDEV_RATE_LIMIT_BACKEND"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_rate_limit_backend_follows_the_storage_unless_told() {
+        let sqlite = Config::try_parse_from(["rdev-api", "--database-url", "sqlite://x.db"]);
+        let sqlite = sqlite.unwrap();
+        assert_eq!(sqlite.rate_limit.to_string(), "600/60s");
+        assert_eq!(
+            sqlite.rate_limit_backend().unwrap(),
+            RateLimitBackend::Memory
+        );
+        let postgres = Config::try_parse_from(["rdev-api", "--database-url", "postgres://db/x"]);
+        assert_eq!(
+            postgres.unwrap().rate_limit_backend().unwrap(),
+            RateLimitBackend::Postgres
+        );
+        let memory = Config::try_parse_from([
+            "rdev-api",
+            "--database-url",
+            "postgres://db/x",
+            "--rate-limit-backend",
+            "memory",
+        ]);
+        assert_eq!(
+            memory.unwrap().rate_limit_backend().unwrap(),
+            RateLimitBackend::Memory
+        );
+        let mismatch = Config::try_parse_from([
+            "rdev-api",
+            "--database-url",
+            "sqlite://x.db",
+            "--rate-limit-backend",
+            "postgres",
+        ]);
+        let error = mismatch.unwrap().rate_limit_backend().unwrap_err();
+        assert!(
+            error.to_string().contains("RDEV_RATE_LIMIT_BACKEND"),
+            "{error}"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod follow;
 pub mod pods;
 pub mod projects;
+pub mod rate_limits;
 pub mod recorder;
 pub mod worker;
 

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod commands;
 pub mod console;
 pub mod extract;
+pub mod limits;
 pub mod openapi;
 pub mod ops;
 pub mod pods;
@@ -40,6 +41,7 @@ use crate::services::commands::CommandService;
 use crate::services::follow::FollowService;
 use crate::services::pods::PodService;
 use crate::services::projects::ProjectService;
+use crate::services::rate_limits::RequestLimits;
 
 pub use extract::ClientIpResolver;
 
@@ -79,6 +81,10 @@ pub struct Services {
     pub commands: Arc<CommandService>,
     pub follow: Arc<FollowService>,
     pub pods: Arc<PodService>,
+    /// Each authenticated request counts once against its key's rate limit.
+    pub limits: Arc<RequestLimits>,
+    /// Failed authentications per client address, checked before any key lookup.
+    pub auth_guard: Arc<limits::AuthFailureGuard>,
     pub metrics: Arc<dyn OperatorMetrics>,
     pub profiler: Arc<dyn HeapProfiler>,
     pub cpu_profiler: Arc<dyn CpuProfiler>,
@@ -135,6 +141,7 @@ pub fn router(state: AppState) -> Router {
     let api = api.merge(console::routes());
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi::declare_problem_responses(&mut openapi);
+    openapi::declare_rate_limits(&mut openapi);
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");
     api.route(
@@ -199,8 +206,15 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Per matched route: the request counter and latency, and the `RateLimit-*` headers of the
+/// key's decision when the request was authenticated.
+async fn record_metrics(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
+    let rate_decision = limits::DecisionSlot::attach(&mut request);
     let method = method_label(request.method());
     let route = request
         .extensions()
@@ -211,7 +225,8 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
     if !span.is_none() {
         trace_context::record_route(&span, method, &route);
     }
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    rate_decision.write_headers(&mut response);
     let status = response.status().as_u16();
     if !span.is_none() {
         trace_context::record_status(&span, status);

@@ -156,6 +156,8 @@ pub struct Metrics {
     output_bytes: IntCounter,
     audit_head: IntGauge,
     auth_failures: IntCounterVec,
+    key_lookups: IntCounter,
+    rate_limit_rejections: IntCounterVec,
     circuit_state: IntGaugeVec,
     cache_requests: IntCounterVec,
 }
@@ -235,6 +237,19 @@ impl Metrics {
             }
         }
         registry.register(Box::new(cache_requests.clone()))?;
+        let key_lookups = IntCounter::new(
+            "api_key_lookups_total",
+            "Presented API keys looked up (after the per-address guard of failed authentications)",
+        )?;
+        registry.register(Box::new(key_lookups.clone()))?;
+        let rate_limit_rejections = IntCounterVec::new(
+            Opts::new(
+                "rate_limit_rejections_total",
+                "Requests refused with 429, by limiter: api_key or client_ip",
+            ),
+            &["limiter"],
+        )?;
+        registry.register(Box::new(rate_limit_rejections.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -250,6 +265,8 @@ impl Metrics {
             output_bytes,
             audit_head,
             auth_failures,
+            key_lookups,
+            rate_limit_rejections,
             circuit_state,
             cache_requests,
         })
@@ -283,6 +300,16 @@ impl OperatorMetrics for Metrics {
 
     fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    fn key_lookup(&self) {
+        self.key_lookups.inc();
+    }
+
+    fn rate_limited(&self, limiter: &'static str) {
+        self.rate_limit_rejections
+            .with_label_values(&[limiter])
+            .inc();
     }
 
     fn render(&self) -> String {

@@ -47,6 +47,11 @@ pub trait OperatorMetrics: Send + Sync {
     fn set_commands_queued(&self, queued: u64);
     /// A request presented no key or one that was refused (`reason`: a fixed name).
     fn auth_failure(&self, reason: &'static str);
+    /// A presented key was looked up (the per-address guard let the request through).
+    fn key_lookup(&self);
+    /// A request was refused with 429 by `limiter`: `api_key` (the key's rate limit) or
+    /// `client_ip` (too many failed authentications from its address).
+    fn rate_limited(&self, limiter: &'static str);
     /// The Prometheus text exposition format.
     fn render(&self) -> String;
 }

@@ -1,6 +1,7 @@
 //! What a use case reports. The HTTP adapter maps each variant to one problem type.
 
 use crate::domain::api_key::{KeyRejection, Scope};
+use crate::domain::rate_limit::{RateDecision, ceil_secs};
 use crate::domain::{DomainError, FieldError};
 use crate::ports::{PodError, PortError};
 
@@ -27,6 +28,12 @@ pub enum ServiceError {
         /// The setting that was reached.
         limit: &'static str,
     },
+    #[error(
+        "rate limit of this API key reached ({}); retry in {} s",
+        .0.rate,
+        ceil_secs(.0.retry_after)
+    )]
+    RateLimited(RateDecision),
     #[error("too many open event streams")]
     TooManyStreams,
     #[error(

@@ -200,6 +200,9 @@ pub fn test_config(db: &TestDb) -> Config {
     config.kill_grace_secs = 1;
     config.shutdown_grace_secs = 1;
     config.poll_interval_ms = 200;
+    // Tests poll; a key's rate limit is tested where it is set on purpose (tests/rate_limit.rs).
+    config.rate_limit = rdev_api::domain::rate_limit::RateLimit::parse(UNREACHED_RATE_LIMIT)
+        .expect("a valid rate limit");
     config
 }
 
@@ -207,6 +210,9 @@ pub fn test_config(db: &TestDb) -> Config {
 pub fn long_suite() -> bool {
     std::env::var("RDEV_SUITE").is_ok_and(|v| v == "long")
 }
+
+/// A rate limit no test reaches by polling.
+pub const UNREACHED_RATE_LIMIT: &str = "1000000/60s";
 
 /// A running server.
 pub struct TestServer {
@@ -515,6 +521,7 @@ impl ServerProcess {
             .env("RDEV_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
             .env("RDEV_LOG_FORMAT", "json")
             .env("RDEV_POLL_INTERVAL_MS", "200")
+            .env("RDEV_RATE_LIMIT", UNREACHED_RATE_LIMIT)
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         for (name, value) in env {

@@ -21,6 +21,7 @@ use crate::domain::ids::CommandId;
 use crate::services::{Caller, ServiceError};
 
 use super::AppState;
+use super::limits::DecisionSlot;
 use super::problem::ApiError;
 
 /// A JSON body. Wrong content type: 415; too large: 413; not JSON: 400; wrong shape or unknown
@@ -225,6 +226,9 @@ pub struct Credentials {
     /// unknown (a router served without `ConnectInfo`): an unknown peer is never local.
     pub local: bool,
     pub context: AuditContext,
+    /// Where the key's rate decision goes for the response headers (absent when the router
+    /// has no route layer to write them, as in unit tests).
+    pub rate_decision: Option<DecisionSlot>,
 }
 
 impl Credentials {
@@ -278,13 +282,19 @@ impl Credentials {
                 request_id: header_text("x-request-id"),
                 trace_id,
             },
+            rate_decision: parts.extensions.get::<DecisionSlot>().cloned(),
         })
     }
 
-    /// The caller these credentials name, by API key. A refusal is counted
-    /// (`rdev_auth_failures_total{reason}`) and logged with the client address and the key's
-    /// prefix, never its secret.
+    /// The caller these credentials name, by API key, counted against the key's rate limit.
+    /// An address that failed too often is refused before its key is looked up. A refusal is
+    /// counted (`rdev_auth_failures_total{reason}`) and logged with the client address and the
+    /// key's prefix, never its secret.
     async fn authenticate(self, state: &AppState) -> Result<Caller, ApiError> {
+        self.guard(state).await?;
+        if self.presented.is_some() {
+            state.metrics.key_lookup();
+        }
         let prefix = self.presented.as_deref().map(loggable_prefix);
         let client_ip = self.client_ip;
         match state
@@ -294,20 +304,65 @@ impl Credentials {
         {
             Ok(caller) => {
                 super::trace_context::record_key(&caller.key_id);
-                Ok(caller)
+                admit(state, caller, self.rate_decision.as_ref()).await
             }
             Err(ServiceError::Unauthenticated(reason)) => {
-                state.metrics.auth_failure(reason.as_str());
-                tracing::warn!(
-                    %client_ip,
-                    key_prefix = prefix.unwrap_or("-"),
-                    reason = reason.as_str(),
-                    "authentication failed"
-                );
-                Err(ServiceError::Unauthenticated(reason).into())
+                Err(refused(state, client_ip, prefix, reason).await)
             }
             Err(other) => Err(other.into()),
         }
+    }
+
+    /// Refuses an address that spent its budget of failed authentications.
+    async fn guard(&self, state: &AppState) -> Result<(), ApiError> {
+        state
+            .auth_guard
+            .check(self.client_ip)
+            .await
+            .map_err(|wait| {
+                state.metrics.rate_limited("client_ip");
+                ApiError::TooManyFailedAuthentications(wait)
+            })
+    }
+}
+
+/// Counts, logs and charges to the client's address a refused authentication.
+async fn refused(
+    state: &AppState,
+    client_ip: IpAddr,
+    prefix: Option<&str>,
+    reason: KeyRejection,
+) -> ApiError {
+    state.metrics.auth_failure(reason.as_str());
+    state.auth_guard.failed(client_ip).await;
+    tracing::warn!(
+        %client_ip,
+        key_prefix = prefix.unwrap_or("-"),
+        reason = reason.as_str(),
+        "authentication failed"
+    );
+    ServiceError::Unauthenticated(reason).into()
+}
+
+/// Counts an authenticated request against its key's rate limit; the decision goes to the
+/// response headers, or refuses the request past the limit.
+async fn admit(
+    state: &AppState,
+    caller: Caller,
+    slot: Option<&DecisionSlot>,
+) -> Result<Caller, ApiError> {
+    match state.limits.admit(&caller).await {
+        Ok(decision) => {
+            if let Some(slot) = slot {
+                slot.fill(decision);
+            }
+            Ok(caller)
+        }
+        Err(error @ ServiceError::RateLimited(_)) => {
+            state.metrics.rate_limited("api_key");
+            Err(error.into())
+        }
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -388,19 +443,25 @@ impl FromRequestParts<AppState> for StreamCaller {
         let (Some(token), None) = (EventsQuery::read(parts).token, &credentials.presented) else {
             return credentials.authenticate(state).await.map(StreamCaller);
         };
+        credentials.guard(state).await?;
         let ApiPath(command) = ApiPath::<CommandId>::from_request_parts(parts, state).await?;
-        let key = state
-            .follow
-            .token_key(&token, command)
-            .await?
-            .ok_or(ApiError::Service(ServiceError::Unauthenticated(
-                KeyRejection::Invalid,
-            )))?;
-        let caller = state
+        let client_ip = credentials.client_ip;
+        let Some(key) = state.follow.token_key(&token, command).await? else {
+            return Err(refused(state, client_ip, None, KeyRejection::Invalid).await);
+        };
+        match state
             .keys
-            .authenticate_as(key, credentials.client_ip, credentials.context)
-            .await?;
-        Ok(StreamCaller(caller))
+            .authenticate_as(key, client_ip, credentials.context)
+            .await
+        {
+            Ok(caller) => admit(state, caller, credentials.rate_decision.as_ref())
+                .await
+                .map(StreamCaller),
+            Err(ServiceError::Unauthenticated(reason)) => {
+                Err(refused(state, client_ip, None, reason).await)
+            }
+            Err(other) => Err(other.into()),
+        }
     }
 }
 

@@ -116,3 +116,85 @@ fn problem_schema() -> RefOr<utoipa::openapi::schema::Schema> {
 fn is_problem(content: &Content) -> bool {
     matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem"))
 }
+
+/// Every operation that takes a key is rate limited: its responses carry the `RateLimit-*`
+/// headers, and it can answer 429 with `Retry-After` (the key's limit, or too many failed
+/// authentications from the client's address).
+pub fn declare_rate_limits(openapi: &mut OpenApi) {
+    use utoipa::openapi::Type;
+    use utoipa::openapi::header::{Header, HeaderBuilder};
+    use utoipa::openapi::schema::ObjectBuilder;
+
+    let header = |kind: Type, description: &str| -> Header {
+        HeaderBuilder::new()
+            .schema(ObjectBuilder::new().schema_type(kind))
+            .description(Some(description))
+            .build()
+    };
+    let rate_headers = [
+        (
+            "RateLimit-Limit",
+            header(
+                Type::Integer,
+                "Requests the key may make in any sliding window.",
+            ),
+        ),
+        (
+            "RateLimit-Remaining",
+            header(
+                Type::Integer,
+                "Requests left in the sliding window ending now.",
+            ),
+        ),
+        (
+            "RateLimit-Reset",
+            header(
+                Type::Integer,
+                "Seconds until every request counted so far has left the window.",
+            ),
+        ),
+        (
+            "RateLimit-Policy",
+            header(
+                Type::String,
+                "The key's quota: `<limit>;w=<window in seconds>`.",
+            ),
+        ),
+    ];
+    let too_many = ResponseBuilder::new()
+        .description(
+            "The key's rate limit is reached, or this address failed to authenticate too often \
+             (then without the `RateLimit-*` headers)",
+        )
+        .header(
+            "Retry-After",
+            header(Type::Integer, "Seconds until a request would be admitted."),
+        )
+        .content(PROBLEM_JSON, Content::new(Some(problem_schema())))
+        .build();
+    for item in openapi.paths.paths.values_mut() {
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if operation.security.as_ref().is_none_or(Vec::is_empty) {
+                continue;
+            }
+            let responses = &mut operation.responses.responses;
+            responses.insert("429".to_owned(), RefOr::T(too_many.clone()));
+            for response in responses.values_mut() {
+                if let RefOr::T(response) = response {
+                    for (name, header) in &rate_headers {
+                        response.headers.insert((*name).to_owned(), header.clone());
+                    }
+                }
+            }
+        }
+    }
+}

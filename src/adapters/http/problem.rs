@@ -58,6 +58,11 @@ pub enum ApiError {
     RouteNotFound,
     #[error("not ready: {0}")]
     NotReady(&'static str),
+    #[error(
+        "too many failed authentications from this address; retry in {} s",
+        crate::domain::rate_limit::ceil_secs(*.0)
+    )]
+    TooManyFailedAuthentications(std::time::Duration),
 }
 
 impl ApiError {
@@ -110,6 +115,11 @@ fn service_shape(error: &ServiceError) -> Shape {
         ServiceError::QueueFull { .. } => {
             shape(StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Queue full")
         }
+        ServiceError::RateLimited(_) => shape(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Rate limit reached",
+        ),
         ServiceError::TooManyStreams => shape(
             StatusCode::SERVICE_UNAVAILABLE,
             "too-many-streams",
@@ -192,6 +202,11 @@ fn error_shape(error: &ApiError) -> Shape {
         ),
         ApiError::RouteNotFound => shape(StatusCode::NOT_FOUND, "not-found", "Not found"),
         ApiError::NotReady(_) => shape(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready"),
+        ApiError::TooManyFailedAuthentications(_) => shape(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-failed-authentications",
+            "Too many failed authentications",
+        ),
     }
 }
 
@@ -261,6 +276,15 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::Service(ServiceError::RateLimited(decision)) => {
+                super::limits::write_headers(decision, headers);
+            }
+            ApiError::TooManyFailedAuthentications(wait) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::domain::rate_limit::ceil_secs(*wait).max(1)),
+                );
             }
             ApiError::Service(
                 ServiceError::TooManyStreams
