@@ -119,3 +119,26 @@ impl RateLimiter for MemoryRateLimiter {
         Ok(decision)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::clock::SystemClock;
+
+    #[tokio::test]
+    async fn a_counter_idle_for_two_windows_is_evicted() {
+        let limiter = MemoryRateLimiter::new(Arc::new(SystemClock));
+        let rate = RateLimit::parse("5/1s").unwrap();
+        let (idle, busy) = (ApiKeyId::new(), ApiKeyId::new());
+        limiter.hit(idle, rate).await.unwrap();
+        let hourly = RateLimit::parse("5/1h").unwrap();
+        limiter.hit(busy, hourly).await.unwrap();
+        assert_eq!(limiter.len().await, 2);
+        // Two one-second windows after its last use, the idle key's counter is gone; the
+        // hourly one stays.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(limiter.len().await, 1);
+        let again = limiter.hit(idle, rate).await.unwrap();
+        assert_eq!(again.remaining, 4, "a fresh window, as before the eviction");
+    }
+}
