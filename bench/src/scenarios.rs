@@ -13,6 +13,7 @@ mod kube;
 mod latency;
 mod output;
 mod queue;
+mod ratelimit;
 mod sse;
 
 pub type Run = for<'a> fn(&'a Ctx) -> Pin<Box<dyn Future<Output = Result<Vec<Row>>> + 'a>>;
@@ -30,4 +31,5 @@ pub const ALL: &[Scenario] = &[
     sse::SCENARIO,
     output::SCENARIO,
     kube::SCENARIO,
+    ratelimit::SCENARIO,
 ];
