@@ -14,6 +14,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,11 +34,15 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 
 /// Addresses tracked before idle ones are swept out of the failure counter.
 const MAX_TRACKED: usize = 100_000;
+/// Failures between two looks at the counter's size: a sweep walks every address, so an
+/// attacker with many addresses must not trigger one per request.
+const SWEEP_EVERY: usize = 4_096;
 
 /// Failed authentications per client address.
 pub struct AuthFailureGuard {
     failures: DefaultKeyedRateLimiter<IpAddr, StateInformationMiddleware>,
     refill: Duration,
+    failures_seen: AtomicUsize,
     /// Addresses out of budget, until when. An entry lives one refill interval at most: by then
     /// the address may try once more.
     blocked: Cache<IpAddr, Instant>,
@@ -58,6 +63,7 @@ impl AuthFailureGuard {
             failures: DefaultKeyedRateLimiter::keyed(quota)
                 .with_middleware::<StateInformationMiddleware>(),
             refill,
+            failures_seen: AtomicUsize::new(0),
             blocked: Cache::builder()
                 .max_capacity(MAX_TRACKED as u64)
                 .time_to_live(refill + Duration::from_secs(1))
@@ -88,7 +94,8 @@ impl AuthFailureGuard {
         if let Some(until) = until {
             self.blocked.insert(net, until).await;
         }
-        if self.failures.len() > MAX_TRACKED {
+        let seen = self.failures_seen.fetch_add(1, Ordering::Relaxed);
+        if seen.is_multiple_of(SWEEP_EVERY) && self.failures.len() > MAX_TRACKED {
             self.failures.retain_recent();
             self.failures.shrink_to_fit();
         }
