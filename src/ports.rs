@@ -22,7 +22,9 @@ pub use commands::{
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
-pub use metrics::{CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics};
+pub use metrics::{
+    CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, HeapProfiler, OperatorMetrics,
+};
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,
     Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod pods;
 pub mod problem;
 pub mod projects;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

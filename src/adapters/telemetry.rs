@@ -14,8 +14,8 @@ use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
 use crate::ports::{
-    AuditHeads, CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics,
-    PortError,
+    AuditHeads, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, HeapProfiler,
+    OperatorMetrics, PortError,
 };
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
@@ -42,6 +42,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     sse_active: IntGauge,
+    connections_active: IntGauge,
     commands_active: IntGauge,
     commands_queued: IntGauge,
     command_duration: HistogramVec,
@@ -67,6 +68,11 @@ impl Metrics {
             &["method", "route"],
         )?;
         let sse_active = IntGauge::new("sse_connections_active", "Open SSE event streams")?;
+        let connections_active = IntGauge::new(
+            "http_connections_active",
+            "Open client connections (HTTP/1.1 and h2c), streaming or not",
+        )?;
+        registry.register(Box::new(connections_active.clone()))?;
         let commands_active = IntGauge::new("commands_active", "Commands running on this replica")?;
         let commands_queued =
             IntGauge::new("commands_queued", "Commands waiting in the shared queue")?;
@@ -121,6 +127,7 @@ impl Metrics {
             http_requests,
             http_duration,
             sse_active,
+            connections_active,
             commands_active,
             commands_queued,
             command_duration,
@@ -191,6 +198,16 @@ impl HeapProfiler for JemallocProfiler {
             .await
             .map_err(PortError::backend)?
             .map_err(|e| PortError::backend(e.to_string()))
+    }
+}
+
+impl ConnectionMetrics for Metrics {
+    fn connection_opened(&self) {
+        self.connections_active.inc();
+    }
+
+    fn connection_closed(&self) {
+        self.connections_active.dec();
     }
 }
 

@@ -15,6 +15,12 @@ pub trait CommandMetrics: Send + Sync {
     fn stream_closed(&self);
 }
 
+/// `rdev_http_connections_active`: open client connections, streaming or not.
+pub trait ConnectionMetrics: Send + Sync {
+    fn connection_opened(&self);
+    fn connection_closed(&self);
+}
+
 /// Where a circuit breaker stands; the gauge shows the number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CircuitState {

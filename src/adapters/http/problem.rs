@@ -310,6 +310,27 @@ pub fn status_problem(status: StatusCode) -> Response {
     response
 }
 
+/// The whole HTTP/1.1 response to a request head over `limit` bytes: a 431 problem, closing the
+/// connection. The connection layer writes it itself, since the head never reaches a handler.
+pub fn head_too_large_http1(limit: usize) -> bytes::Bytes {
+    let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    let body = serde_json::to_vec(&Problem {
+        kind: problem_type("header-too-large"),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        status: status.as_u16(),
+        detail: Some(format!("the request line and headers exceed {limit} bytes")),
+        errors: None,
+    })
+    .expect("a problem serializes");
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {PROBLEM_JSON}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&body);
+    response.into()
+}
+
 /// Gives bodiless error responses from the framework and layers (405, 413, ...) a problem body,
 /// and logs server errors with their cause chain.
 pub async fn normalize_errors(request: Request, next: Next) -> Response {
