@@ -23,7 +23,8 @@ pub use commands::{
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
 pub use metrics::{
-    CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, HeapProfiler, OperatorMetrics,
+    CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, HeapProfiler,
+    HttpRouteMetrics, OperatorMetrics,
 };
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,

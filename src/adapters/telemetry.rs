@@ -1,11 +1,12 @@
 //! Logs, metrics and profiles: JSON logs through `tracing`, a Prometheus registry (built here,
 //! never the process-global default) with the `rdev_` metrics, and jemalloc heap profiles.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -15,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::ports::{
     AuditHeads, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, HeapProfiler,
-    OperatorMetrics, PortError,
+    HttpRouteMetrics, OperatorMetrics, PortError,
 };
 
 /// Installs the global log subscriber: JSON lines, or human text when `json` is false.
@@ -151,13 +152,14 @@ impl AuditHeads for Metrics {
 }
 
 impl OperatorMetrics for Metrics {
-    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        self.http_requests
-            .with_label_values(&[method, route, &status.to_string()])
-            .inc();
-        self.http_duration
-            .with_label_values(&[method, route])
-            .observe(elapsed.as_secs_f64());
+    fn http_route(&self, method: &'static str, route: &str) -> Arc<dyn HttpRouteMetrics> {
+        Arc::new(RouteMetrics {
+            method,
+            route: route.to_owned(),
+            requests: self.http_requests.clone(),
+            duration: self.http_duration.with_label_values(&[method, route]),
+            common: OnceLock::new(),
+        })
     }
 
     fn set_commands_queued(&self, queued: u64) {
@@ -174,6 +176,35 @@ impl OperatorMetrics for Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("encoding gathered metrics into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// One route's handles: the latency histogram, and the counter of the first status it answered
+/// (nearly always the only one under load); other statuses are looked up by label.
+struct RouteMetrics {
+    method: &'static str,
+    route: String,
+    requests: IntCounterVec,
+    duration: Histogram,
+    common: OnceLock<(u16, IntCounter)>,
+}
+
+impl RouteMetrics {
+    fn counter(&self, status: u16) -> IntCounter {
+        self.requests
+            .with_label_values(&[self.method, &self.route, &status.to_string()])
+    }
+}
+
+impl HttpRouteMetrics for RouteMetrics {
+    fn record(&self, status: u16, elapsed: Duration) {
+        let (common, counter) = self.common.get_or_init(|| (status, self.counter(status)));
+        if *common == status {
+            counter.inc();
+        } else {
+            self.counter(status).inc();
+        }
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }
 

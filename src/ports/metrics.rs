@@ -1,5 +1,6 @@
 //! Counters the services move; the telemetry adapter exposes them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,12 +50,18 @@ pub trait CircuitMetrics: Send + Sync {
 
 /// What operators scrape: request counters, queue depth, and the exposition text.
 pub trait OperatorMetrics: Send + Sync {
-    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration);
+    /// The request metrics of one route template and method; callers keep the handle.
+    fn http_route(&self, method: &'static str, route: &str) -> Arc<dyn HttpRouteMetrics>;
     fn set_commands_queued(&self, queued: u64);
     /// A request presented no key or one that was refused (`reason`: a fixed name).
     fn auth_failure(&self, reason: &'static str);
     /// The Prometheus text exposition format.
     fn render(&self) -> String;
+}
+
+/// `rdev_http_requests_total` and `rdev_http_request_duration_seconds` of one route and method.
+pub trait HttpRouteMetrics: Send + Sync {
+    fn record(&self, status: u16, elapsed: Duration);
 }
 
 /// A heap profile of this process.

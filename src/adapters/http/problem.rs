@@ -1,9 +1,7 @@
 //! RFC 9457 problem details: the one shape every error leaves this server in.
 
 use axum::Json;
-use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -332,14 +330,11 @@ pub fn head_too_large_http1(limit: usize) -> bytes::Bytes {
 }
 
 /// Gives bodiless error responses from the framework and layers (405, 413, ...) a problem body,
-/// and logs server errors with their cause chain.
-pub async fn normalize_errors(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let uri = request.uri().path().to_owned();
-    let response = next.run(request).await;
+/// and logs server errors with their cause chain (the edge layer calls it on every response).
+pub fn normalize(method: &Method, path: &str, response: Response) -> Response {
     let status = response.status();
     if let Some(ErrorChain(chain)) = response.extensions().get::<ErrorChain>() {
-        tracing::error!(%method, path = %uri, status = status.as_u16(), error = %chain, "request failed");
+        tracing::error!(%method, path, status = status.as_u16(), error = %chain, "request failed");
     }
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
