@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::bus::InProcessBus;
 use crate::adapters::cache::{CachedApiKeys, CachedProjects};
 use crate::adapters::http::limits::AuthFailureGuard;
+use crate::adapters::http::serve::ConnectionLimits;
 use crate::adapters::http::{self, AppState, ClientIpResolver, ReadinessProbe, Services};
 use crate::adapters::kube::{KubeApi, KubeExecutor, KubePodManager, KubeSetupError, KubeSource};
 use crate::adapters::local::{LocalExecutor, RunAs};
@@ -26,8 +26,8 @@ use crate::domain::audit::AuditKey;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
-    Executor, OutputBus, OutputStore, PodManager, ProjectRepository, RateLimiter, SharedSecrets,
-    WorkSignal,
+    ConnectionMetrics, Executor, OutputBus, OutputStore, PodManager, ProjectRepository,
+    RateLimiter, SharedSecrets, WorkSignal,
 };
 use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
@@ -69,8 +69,6 @@ pub enum StartupError {
     Kube(#[source] KubeSetupError),
     #[error("cannot bind {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
-    #[error("the server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// The database behind every storage port.
@@ -173,6 +171,8 @@ impl ReadinessProbe for Storage {
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
+    limits: ConnectionLimits,
+    connections: Arc<dyn ConnectionMetrics>,
     shutdown: CancellationToken,
     draining: CancellationToken,
     drain_delay: Duration,
@@ -208,6 +208,8 @@ impl App {
         let App {
             listener,
             router,
+            limits,
+            connections,
             shutdown,
             draining,
             drain_delay,
@@ -232,18 +234,7 @@ impl App {
         // From SIGTERM on this replica claims nothing; queued commands wait for the others.
         let worker_task = tokio::spawn(workers.run(draining.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
-        // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::warn!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+        http::serve::serve(listener, router, limits, connections, shutdown.clone()).await;
         shutdown.cancel();
         draining.cancel();
         tracing::info!("stopped accepting requests; draining workers");
@@ -257,7 +248,7 @@ impl App {
         }
         storage.close().await;
         tracing::info!("shut down");
-        served.map_err(StartupError::Serve)
+        Ok(())
     }
 }
 
@@ -299,6 +290,7 @@ pub async fn build_with_clock(
     let storage = Storage::open(&config, metrics.clone()).await?;
     let ports = storage.ports(&clock);
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
+    let connections: Arc<dyn ConnectionMetrics> = metrics.clone();
     let replica = replica_name();
     let kube = connect_kube(&config, metrics.clone()).await?;
     let kube_executor: Option<Arc<dyn Executor>> = kube
@@ -481,6 +473,11 @@ pub async fn build_with_clock(
     Ok(App {
         listener,
         router: http::router(state),
+        limits: ConnectionLimits {
+            max_head_bytes: usize::try_from(config.max_request_head_bytes).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        },
+        connections,
         shutdown,
         draining,
         drain_delay: Duration::from_secs(config.drain_delay_secs),

@@ -276,6 +276,16 @@ pub struct Config {
     )]
     pub sse_keepalive_secs: u64,
 
+    /// Largest request head (request line and headers) in bytes; a larger one is answered 431
+    /// and its connection closed.
+    #[arg(long, env = "RDEV_MAX_REQUEST_HEAD_BYTES", value_name = "RDEV_MAX_REQUEST_HEAD_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub max_request_head_bytes: u64,
+
+    /// Seconds a client has to send a whole request head, from connecting or from the end of
+    /// the previous response; a slower or idle (kept-alive, not streaming) connection is closed.
+    #[arg(long, env = "RDEV_HEADER_READ_TIMEOUT_SECS", value_name = "RDEV_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+
     /// Kubeconfig file(s) for the Kubernetes API outside a cluster (`:`-separated, merged in
     /// order); inside a pod, the service account is used when this is unset.
     #[arg(
@@ -686,6 +696,18 @@ mod tests {
     fn bad_values_fail_naming_the_variable() {
         let error = Config::try_parse_from(["rdev-api", "--lease-secs", "0"]).unwrap_err();
         assert!(error.to_string().contains("RDEV_LEASE_SECS"), "{error}");
+        let error =
+            Config::try_parse_from(["rdev-api", "--header-read-timeout-secs", "0"]).unwrap_err();
+        assert!(
+            error.to_string().contains("RDEV_HEADER_READ_TIMEOUT_SECS"),
+            "{error}"
+        );
+        let error =
+            Config::try_parse_from(["rdev-api", "--max-request-head-bytes", "10"]).unwrap_err();
+        assert!(
+            error.to_string().contains("RDEV_MAX_REQUEST_HEAD_BYTES"),
+            "{error}"
+        );
         let error =
             Config::try_parse_from(["rdev-api", "--database-url", "mysql://x"]).unwrap_err();
         assert!(error.to_string().contains("DATABASE_URL"), "{error}");

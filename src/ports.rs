@@ -24,8 +24,8 @@ pub use commands::{
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
 pub use metrics::{
-    CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, CpuProfiler, HeapProfiler,
-    OperatorMetrics,
+    CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, CpuProfiler,
+    HeapProfiler, HttpRouteMetrics, OperatorMetrics,
 };
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,

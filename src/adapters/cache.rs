@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use moka::future::Cache;
+// The synchronous cache: a hit is a plain call on the request path, no future to build or poll.
+use moka::sync::Cache;
 use time::OffsetDateTime;
 
 use crate::domain::api_key::ApiKey;
@@ -48,30 +49,29 @@ impl CachedApiKeys {
         }
     }
 
-    async fn forget(&self, key: &ApiKey) {
-        self.by_prefix.invalidate(&key.prefix).await;
-        forget_key(&self.by_prefix, key.id).await;
+    fn forget(&self, key: &ApiKey) {
+        self.by_prefix.invalidate(&key.prefix);
+        forget_key(&self.by_prefix, key.id);
         self.notices.announce_change(Changed::ApiKey(key.id));
     }
 }
 
 /// Drops every entry of key `id`: after a rotation the old prefix must stop working too.
-async fn forget_key(by_prefix: &Cache<String, Option<ApiKey>>, id: ApiKeyId) {
+fn forget_key(by_prefix: &Cache<String, Option<ApiKey>>, id: ApiKeyId) {
     let stale: Vec<_> = by_prefix
         .iter()
         .filter(|(_, cached)| cached.as_ref().is_some_and(|k| k.id == id))
         .map(|(prefix, _)| prefix)
         .collect();
     for prefix in stale {
-        by_prefix.invalidate(prefix.as_str()).await;
+        by_prefix.invalidate(prefix.as_str());
     }
 }
 
 impl ChangeListener for CachedApiKeys {
     fn changed(&self, change: Changed) {
         if let Changed::ApiKey(id) = change {
-            let by_prefix = self.by_prefix.clone();
-            tokio::spawn(async move { forget_key(&by_prefix, id).await });
+            forget_key(&self.by_prefix, id);
         }
     }
 }
@@ -80,26 +80,24 @@ impl ChangeListener for CachedApiKeys {
 impl ApiKeyRepository for CachedApiKeys {
     async fn insert(&self, key: &ApiKey, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.insert(key, audit).await?;
-        self.forget(key).await;
+        self.forget(key);
         Ok(())
     }
 
     async fn save(&self, key: &ApiKey, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.save(key, audit).await?;
-        self.forget(key).await;
+        self.forget(key);
         Ok(())
     }
 
     async fn find_by_prefix(&self, prefix: &str) -> Result<Option<ApiKey>, PortError> {
-        if let Some(cached) = self.by_prefix.get(prefix).await {
+        if let Some(cached) = self.by_prefix.get(prefix) {
             self.metrics.cache_lookup("api_key", true);
             return Ok(cached);
         }
         self.metrics.cache_lookup("api_key", false);
         let found = self.inner.find_by_prefix(prefix).await?;
-        self.by_prefix
-            .insert(prefix.to_owned(), found.clone())
-            .await;
+        self.by_prefix.insert(prefix.to_owned(), found.clone());
         Ok(found)
     }
 
@@ -145,8 +143,8 @@ impl CachedProjects {
         }
     }
 
-    async fn forget(&self, id: ProjectId) {
-        self.by_id.invalidate(&id).await;
+    fn forget(&self, id: ProjectId) {
+        self.by_id.invalidate(&id);
         self.notices.announce_change(Changed::Project(id));
     }
 }
@@ -154,8 +152,7 @@ impl CachedProjects {
 impl ChangeListener for CachedProjects {
     fn changed(&self, change: Changed) {
         if let Changed::Project(id) = change {
-            let by_id = self.by_id.clone();
-            tokio::spawn(async move { by_id.invalidate(&id).await });
+            self.by_id.invalidate(&id);
         }
     }
 }
@@ -168,24 +165,24 @@ impl ProjectRepository for CachedProjects {
 
     async fn update(&self, project: &Project, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.update(project, audit).await?;
-        self.forget(project.id).await;
+        self.forget(project.id);
         Ok(())
     }
 
     async fn delete(&self, id: ProjectId, audit: NewAuditEvent) -> Result<(), PortError> {
         self.inner.delete(id, audit).await?;
-        self.forget(id).await;
+        self.forget(id);
         Ok(())
     }
 
     async fn get(&self, id: ProjectId) -> Result<Project, PortError> {
-        if let Some(project) = self.by_id.get(&id).await {
+        if let Some(project) = self.by_id.get(&id) {
             self.metrics.cache_lookup("project", true);
             return Ok(project);
         }
         self.metrics.cache_lookup("project", false);
         let project = self.inner.get(id).await?;
-        self.by_id.insert(id, project.clone()).await;
+        self.by_id.insert(id, project.clone());
         Ok(project)
     }
 

@@ -5,6 +5,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod commands;
 pub mod console;
+pub mod edge;
 pub mod extract;
 pub mod limits;
 pub mod openapi;
@@ -12,21 +13,18 @@ pub mod ops;
 pub mod pods;
 pub mod problem;
 pub mod projects;
+pub mod serve;
 pub mod trace_context;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::HeaderName;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{
@@ -143,7 +141,6 @@ pub fn router(state: AppState) -> Router {
     openapi::declare_problem_responses(&mut openapi);
     openapi::declare_rate_limits(&mut openapi);
     let openapi = Arc::new(openapi);
-    let request_id = HeaderName::from_static("x-request-id");
     api.route(
         "/openapi.json",
         axum::routing::get(move || {
@@ -152,87 +149,19 @@ pub fn router(state: AppState) -> Router {
         }),
     )
     // A route layer runs after routing, so it sees the matched route template.
-    .route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        record_metrics,
-    ))
+    .route_layer(edge::RouteMetricsLayer::new(state.metrics.clone()))
     .fallback(|| async { problem::ApiError::RouteNotFound })
     .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-    .layer(middleware::from_fn(problem::normalize_errors))
     .layer(
         ServiceBuilder::new()
-            .layer(middleware::map_request(drop_unacceptable_request_id))
-            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(edge::EdgeLayer)
             .layer(TraceLayer::new_for_http().make_span_with(trace_context::RequestSpans {
                 export: state.export_traces,
             }))
-            .layer(PropagateRequestIdLayer::new(request_id))
             .layer(CatchPanicLayer::custom(|_| {
                 tracing::error!("a handler panicked");
                 problem::status_problem(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
             })),
     )
     .with_state(state)
-}
-
-/// A client's `X-Request-Id` goes into logs and audit rows: one that is too long or holds other
-/// than `[A-Za-z0-9._-]` is dropped here, and a fresh one is made for the request.
-async fn drop_unacceptable_request_id(mut request: Request) -> Request {
-    let acceptable = request
-        .headers()
-        .get("x-request-id")
-        .map(|id| id.to_str().is_ok_and(extract::acceptable_request_id));
-    if acceptable == Some(false) {
-        request.headers_mut().remove("x-request-id");
-    }
-    request
-}
-
-/// The `method` label: one of the standard methods, else `other`, so a client inventing
-/// methods cannot add series.
-fn method_label(method: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "other",
-    }
-}
-
-/// Per matched route: the request counter and latency, and the `RateLimit-*` headers of the
-/// key's decision when the request was authenticated.
-async fn record_metrics(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let rate_decision = limits::DecisionSlot::attach(&mut request);
-    let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let span = tracing::Span::current();
-    if !span.is_none() {
-        trace_context::record_route(&span, method, &route);
-    }
-    let mut response = next.run(request).await;
-    rate_decision.write_headers(&mut response);
-    let status = response.status().as_u16();
-    if !span.is_none() {
-        trace_context::record_status(&span, status);
-    }
-    state
-        .metrics
-        .http_request(method, &route, status, started.elapsed());
-    response
 }

@@ -2,7 +2,7 @@
 //! over OTLP/HTTP when a collector is configured, a Prometheus registry (built here, never the
 //! process-global default) with the `rdev_` metrics, jemalloc heap profiles and CPU profiles.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -11,8 +11,8 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -23,8 +23,8 @@ use crate::domain::command::CommandStatus;
 use async_trait::async_trait;
 
 use crate::ports::{
-    AuditHeads, CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, CpuProfiler,
-    HeapProfiler, OperatorMetrics, PortError,
+    AuditHeads, CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics,
+    CpuProfiler, HeapProfiler, HttpRouteMetrics, OperatorMetrics, PortError,
 };
 
 /// Where spans go: an OTLP/HTTP collector, with the resource and sampler the standard
@@ -150,6 +150,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     sse_active: IntGauge,
+    connections_active: IntGauge,
     commands_active: IntGauge,
     commands_queued: IntGauge,
     command_duration: HistogramVec,
@@ -178,6 +179,11 @@ impl Metrics {
             &["method", "route"],
         )?;
         let sse_active = IntGauge::new("sse_connections_active", "Open SSE event streams")?;
+        let connections_active = IntGauge::new(
+            "http_connections_active",
+            "Open client connections (HTTP/1.1 and h2c), streaming or not",
+        )?;
+        registry.register(Box::new(connections_active.clone()))?;
         let commands_active = IntGauge::new("commands_active", "Commands running on this replica")?;
         let commands_queued =
             IntGauge::new("commands_queued", "Commands waiting in the shared queue")?;
@@ -259,6 +265,7 @@ impl Metrics {
             http_requests,
             http_duration,
             sse_active,
+            connections_active,
             commands_active,
             commands_queued,
             command_duration,
@@ -285,13 +292,14 @@ impl AuditHeads for Metrics {
 }
 
 impl OperatorMetrics for Metrics {
-    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        self.http_requests
-            .with_label_values(&[method, route, &status.to_string()])
-            .inc();
-        self.http_duration
-            .with_label_values(&[method, route])
-            .observe(elapsed.as_secs_f64());
+    fn http_route(&self, method: &'static str, route: &str) -> Arc<dyn HttpRouteMetrics> {
+        Arc::new(RouteMetrics {
+            method,
+            route: route.to_owned(),
+            requests: self.http_requests.clone(),
+            duration: self.http_duration.with_label_values(&[method, route]),
+            common: OnceLock::new(),
+        })
     }
 
     fn set_commands_queued(&self, queued: u64) {
@@ -321,6 +329,35 @@ impl OperatorMetrics for Metrics {
     }
 }
 
+/// One route's handles: the latency histogram, and the counter of the first status it answered
+/// (nearly always the only one under load); other statuses are looked up by label.
+struct RouteMetrics {
+    method: &'static str,
+    route: String,
+    requests: IntCounterVec,
+    duration: Histogram,
+    common: OnceLock<(u16, IntCounter)>,
+}
+
+impl RouteMetrics {
+    fn counter(&self, status: u16) -> IntCounter {
+        self.requests
+            .with_label_values(&[self.method, &self.route, &status.to_string()])
+    }
+}
+
+impl HttpRouteMetrics for RouteMetrics {
+    fn record(&self, status: u16, elapsed: Duration) {
+        let (common, counter) = self.common.get_or_init(|| (status, self.counter(status)));
+        if *common == status {
+            counter.inc();
+        } else {
+            self.counter(status).inc();
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Heap profiles from jemalloc's sampling profiler (enabled by the binary's `malloc_conf`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JemallocProfiler;
@@ -342,6 +379,16 @@ impl HeapProfiler for JemallocProfiler {
             .await
             .map_err(PortError::backend)?
             .map_err(|e| PortError::backend(e.to_string()))
+    }
+}
+
+impl ConnectionMetrics for Metrics {
+    fn connection_opened(&self) {
+        self.connections_active.inc();
+    }
+
+    fn connection_closed(&self) {
+        self.connections_active.dec();
     }
 }
 

@@ -1,5 +1,6 @@
 //! Counters the services move; the telemetry adapter exposes them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +14,12 @@ pub trait CommandMetrics: Send + Sync {
     fn output_bytes(&self, bytes: u64);
     fn stream_opened(&self);
     fn stream_closed(&self);
+}
+
+/// `rdev_http_connections_active`: open client connections, streaming or not.
+pub trait ConnectionMetrics: Send + Sync {
+    fn connection_opened(&self);
+    fn connection_closed(&self);
 }
 
 /// Where a circuit breaker stands; the gauge shows the number.
@@ -43,7 +50,8 @@ pub trait CircuitMetrics: Send + Sync {
 
 /// What operators scrape: request counters, queue depth, and the exposition text.
 pub trait OperatorMetrics: Send + Sync {
-    fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration);
+    /// The request metrics of one route template and method; callers keep the handle.
+    fn http_route(&self, method: &'static str, route: &str) -> Arc<dyn HttpRouteMetrics>;
     fn set_commands_queued(&self, queued: u64);
     /// A request presented no key or one that was refused (`reason`: a fixed name).
     fn auth_failure(&self, reason: &'static str);
@@ -54,6 +62,11 @@ pub trait OperatorMetrics: Send + Sync {
     fn rate_limited(&self, limiter: &'static str);
     /// The Prometheus text exposition format.
     fn render(&self) -> String;
+}
+
+/// `rdev_http_requests_total` and `rdev_http_request_duration_seconds` of one route and method.
+pub trait HttpRouteMetrics: Send + Sync {
+    fn record(&self, status: u16, elapsed: Duration);
 }
 
 /// A heap profile of this process.

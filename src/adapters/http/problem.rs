@@ -1,9 +1,7 @@
 //! RFC 9457 problem details: the one shape every error leaves this server in.
 
 use axum::Json;
-use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -334,15 +332,33 @@ pub fn status_problem(status: StatusCode) -> Response {
     response
 }
 
+/// The whole HTTP/1.1 response to a request head over `limit` bytes: a 431 problem, closing the
+/// connection. The connection layer writes it itself, since the head never reaches a handler.
+pub fn head_too_large_http1(limit: usize) -> bytes::Bytes {
+    let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    let body = serde_json::to_vec(&Problem {
+        kind: problem_type("header-too-large"),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        status: status.as_u16(),
+        detail: Some(format!("the request line and headers exceed {limit} bytes")),
+        errors: None,
+    })
+    .expect("a problem serializes");
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {PROBLEM_JSON}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&body);
+    response.into()
+}
+
 /// Gives bodiless error responses from the framework and layers (405, 413, ...) a problem body,
-/// and logs server errors with their cause chain.
-pub async fn normalize_errors(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let uri = request.uri().path().to_owned();
-    let response = next.run(request).await;
+/// and logs server errors with their cause chain (the edge layer calls it on every response).
+pub fn normalize(method: &Method, path: &str, response: Response) -> Response {
     let status = response.status();
     if let Some(ErrorChain(chain)) = response.extensions().get::<ErrorChain>() {
-        tracing::error!(%method, path = %uri, status = status.as_u16(), error = %chain, "request failed");
+        tracing::error!(%method, path, status = status.as_u16(), error = %chain, "request failed");
     }
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
