@@ -8,6 +8,7 @@ pub mod error;
 pub mod ids;
 pub mod project;
 pub mod validation;
+pub mod webhook;
 
 pub use error::DomainError;
 pub use validation::{FieldError, Validation};

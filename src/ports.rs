@@ -12,6 +12,7 @@ pub mod output;
 pub mod pods;
 pub mod projects;
 pub mod secrets;
+pub mod webhooks;
 
 pub use api_keys::ApiKeyRepository;
 pub use audit::{AuditFilter, AuditHeads, AuditLog};
@@ -22,7 +23,9 @@ pub use commands::{
 };
 pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
-pub use metrics::{CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics};
+pub use metrics::{
+    CircuitMetrics, CircuitState, CommandMetrics, HeapProfiler, OperatorMetrics, WebhookMetrics,
+};
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,
     Received, Relay, RemoteHint, RemoteInbox, Subscription, WorkSignal,
@@ -30,6 +33,10 @@ pub use output::{
 pub use pods::{PodError, PodManager, PodStatus};
 pub use projects::ProjectRepository;
 pub use secrets::SharedSecrets;
+pub use webhooks::{
+    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep,
+    OutgoingWebhook, SendError, WebhookEndpoints, WebhookSender,
+};
 
 /// A page of results and the cursor of the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]

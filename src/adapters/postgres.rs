@@ -7,11 +7,13 @@
 pub mod api_keys;
 pub mod audit;
 pub mod commands;
+pub mod deliveries;
 pub mod notify;
 pub mod output;
 pub mod projects;
 pub mod queue;
 pub mod secrets;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,11 +23,13 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 pub use api_keys::PgApiKeyRepository;
 pub use audit::PgAuditLog;
 pub use commands::PgCommandStore;
+pub use deliveries::PgDeliveryQueue;
 pub use notify::PgRelay;
 pub use output::PgOutputStore;
 pub use projects::PgProjectRepository;
 pub use queue::PgCommandQueue;
 pub use secrets::PgSharedSecrets;
+pub use webhooks::PgWebhookEndpoints;
 
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::ports::Clock;
@@ -83,6 +87,14 @@ impl PgDatabase {
 
     pub fn output_store(&self) -> PgOutputStore {
         PgOutputStore::new(self.pool.clone())
+    }
+
+    pub fn webhook_endpoints(&self) -> PgWebhookEndpoints {
+        PgWebhookEndpoints::new(self.pool.clone(), self.sealing.clone())
+    }
+
+    pub fn delivery_queue(&self) -> PgDeliveryQueue {
+        PgDeliveryQueue::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn shared_secrets(&self) -> PgSharedSecrets {
