@@ -19,21 +19,26 @@ use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics};
+use crate::adapters::webhook::{HttpWebhookSender, SenderSettings};
 use crate::config::{Config, Secret};
 use crate::domain::audit::AuditKey;
+use crate::domain::webhook::RetrySchedule;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
-    Executor, OutputBus, OutputStore, PodManager, ProjectRepository, SharedSecrets, WorkSignal,
+    DeliveryQueue, Executor, OutputBus, OutputStore, PodManager, ProjectRepository, SharedSecrets,
+    WebhookEndpoints, WebhookSender, WorkSignal,
 };
 use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::auth_failures::FailedAuthentications;
 use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimits};
+use crate::services::dispatcher::{Dispatcher, DispatcherPorts, DispatcherSettings};
 use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
 use crate::services::pods::{PodService, PodServicePorts};
 use crate::services::projects::ProjectService;
+use crate::services::webhooks::{WebhookPorts, WebhookService};
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
 /// The name of the stream token signing key in the shared secrets.
@@ -61,6 +66,8 @@ pub enum StartupError {
     Bootstrap(#[source] crate::services::ServiceError),
     #[error("cannot set up the Kubernetes client")]
     Kube(#[source] KubeSetupError),
+    #[error("cannot set up the webhook HTTP client")]
+    WebhookClient(#[source] reqwest::Error),
     #[error("cannot bind {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
     #[error("the server failed")]
@@ -82,6 +89,8 @@ struct Ports {
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
     secrets: Arc<dyn SharedSecrets>,
+    webhooks: Arc<dyn WebhookEndpoints>,
+    deliveries: Arc<dyn DeliveryQueue>,
 }
 
 impl Storage {
@@ -132,6 +141,8 @@ impl Storage {
                 queue: Arc::new(db.command_queue(clock.clone())),
                 output: Arc::new(db.output_store()),
                 secrets: Arc::new(db.shared_secrets()),
+                webhooks: Arc::new(db.webhook_endpoints()),
+                deliveries: Arc::new(db.delivery_queue(clock.clone())),
             },
             Storage::Postgres(db) => Ports {
                 keys: Arc::new(db.api_keys()),
@@ -141,6 +152,8 @@ impl Storage {
                 queue: Arc::new(db.command_queue()),
                 output: Arc::new(db.output_store()),
                 secrets: Arc::new(db.shared_secrets()),
+                webhooks: Arc::new(db.webhook_endpoints()),
+                deliveries: Arc::new(db.delivery_queue()),
             },
         }
     }
@@ -173,6 +186,7 @@ pub struct App {
     storage: Storage,
     keys: Arc<ApiKeyService>,
     workers: Arc<WorkerPool>,
+    dispatcher: Arc<Dispatcher>,
     /// The generated bootstrap key, when one was just created.
     pub bootstrap_key: Option<String>,
 }
@@ -208,6 +222,7 @@ impl App {
             storage,
             keys,
             workers,
+            dispatcher,
             ..
         } = self;
         tokio::spawn({
@@ -226,6 +241,7 @@ impl App {
         // From SIGTERM on this replica claims nothing; queued commands wait for the others.
         let worker_task = tokio::spawn(workers.run(draining.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
+        let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()));
         // Small SSE events must leave at once, not wait for the peer's delayed ACK (Nagle).
         let listener = listener.tap_io(|tcp| {
             if let Err(error) = tcp.set_nodelay(true) {
@@ -243,6 +259,7 @@ impl App {
         tracing::info!("stopped accepting requests; draining workers");
         let _ = worker_task.await;
         let _ = usage_task.await;
+        let _ = dispatcher_task.await;
         if let Err(error) = keys.flush_usage().await {
             tracing::warn!(%error, "could not write key usage at shutdown");
         }
@@ -442,6 +459,42 @@ pub async fn build_with_clock(
         },
         Duration::from_secs(config.pod_restart_wait_secs),
     ));
+    let sender: Arc<dyn WebhookSender> = Arc::new(
+        HttpWebhookSender::new(SenderSettings {
+            connect_timeout: Duration::from_millis(config.webhook_connect_timeout_ms),
+            timeout: Duration::from_secs(config.webhook_timeout_secs),
+            allow_private: config.webhook_allow_private,
+        })
+        .map_err(StartupError::WebhookClient)?,
+    );
+    let webhooks = Arc::new(WebhookService::new(
+        WebhookPorts {
+            endpoints: ports.webhooks,
+            deliveries: ports.deliveries.clone(),
+            sender: sender.clone(),
+            clock: clock.clone(),
+        },
+        config.webhook_allow_private,
+    ));
+    let dispatcher = Arc::new(Dispatcher::new(
+        DispatcherPorts {
+            queue: ports.deliveries,
+            sender,
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        },
+        DispatcherSettings {
+            concurrency: config.webhook_concurrency as usize,
+            per_endpoint: config.webhook_endpoint_concurrency as usize,
+            lease: config.webhook_lease(),
+            poll_interval: Duration::from_millis(config.webhook_poll_ms),
+            schedule: RetrySchedule::new(config.webhook_retry_schedule.clone()),
+            breaker: BreakerSettings {
+                failure_threshold: config.webhook_breaker_failures,
+                open_for: Duration::from_secs(config.webhook_breaker_open_secs),
+            },
+        },
+    ));
     let state = AppState::new(Services {
         keys: keys.clone(),
         projects,
@@ -449,6 +502,7 @@ pub async fn build_with_clock(
         audit: Arc::new(AuditService::new(ports.audit)),
         commands,
         follow,
+        webhooks,
         metrics,
         profiler: Arc::new(JemallocProfiler),
         client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
@@ -466,6 +520,7 @@ pub async fn build_with_clock(
         storage,
         keys,
         workers,
+        dispatcher,
         bootstrap_key,
     })
 }

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod pods;
 pub mod problem;
 pub mod projects;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,7 @@ use crate::services::commands::CommandService;
 use crate::services::follow::FollowService;
 use crate::services::pods::PodService;
 use crate::services::projects::ProjectService;
+use crate::services::webhooks::WebhookService;
 
 pub use extract::ClientIpResolver;
 
@@ -77,6 +79,7 @@ pub struct Services {
     pub audit: Arc<AuditService>,
     pub commands: Arc<CommandService>,
     pub follow: Arc<FollowService>,
+    pub webhooks: Arc<WebhookService>,
     pub pods: Arc<PodService>,
     pub metrics: Arc<dyn OperatorMetrics>,
     pub profiler: Arc<dyn HeapProfiler>,
@@ -123,7 +126,8 @@ pub fn router(state: AppState) -> Router {
                 .merge(projects::routes())
                 .merge(pods::routes())
                 .merge(commands::routes())
-                .merge(audit::routes()),
+                .merge(audit::routes())
+                .merge(webhooks::routes()),
         )
         .merge(ops::routes())
         .split_for_parts();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -17,12 +18,14 @@ use super::ids::ProjectId;
 use super::validation::Rule;
 
 /// Identifies a webhook endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct WebhookId(Uuid);
 
 /// Identifies one delivery of one event to one endpoint; it is also the `webhook-id` header,
 /// which stays the same across retries so receivers can drop duplicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct DeliveryId(Uuid);
 
 macro_rules! uuid_id {
@@ -136,9 +139,11 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("private")
     } else if a == 100 && (64..128).contains(&b) {
         Some("shared (CGNAT)")
-    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
-        Some("reserved")
-    } else if a == 192 && b == 0 && ip.octets()[2] == 0 {
+    } else if ip.is_broadcast()
+        || ip.is_multicast()
+        || a >= 240
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
+    {
         Some("reserved")
     } else {
         None

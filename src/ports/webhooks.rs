@@ -47,12 +47,14 @@ pub struct ClaimRequest {
     pub lease: Duration,
 }
 
-/// What became of one attempt.
+/// What became of one claimed delivery.
 #[derive(Debug, Clone)]
 pub struct AttemptReport {
     pub delivery: DeliveryId,
     pub webhook: WebhookId,
-    pub attempt: Attempt,
+    /// `None` when it was not sent (its endpoint's circuit was open): nothing is logged and its
+    /// attempt count stays, it only waits until `next` says.
+    pub attempt: Option<Attempt>,
     pub next: NextStep,
 }
 
@@ -64,7 +66,7 @@ pub enum NextStep {
     /// Fail it and disable the endpoint, saying why, with the audit event of the change.
     DisableEndpoint {
         reason: String,
-        audit: NewAuditEvent,
+        audit: Box<NewAuditEvent>,
     },
 }
 

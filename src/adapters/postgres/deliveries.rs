@@ -10,6 +10,7 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::audit;
+use crate::domain::audit::NewAuditEvent;
 use crate::adapters::sql::{
     DELIVERY_COLUMNS, Sealing, attempt_from_row, db, delivery_from_row, page, translate,
 };
@@ -106,8 +107,15 @@ impl DeliveryQueue for PgDeliveryQueue {
         let mut delivered = Vec::with_capacity(reports.len());
         let mut disable = Vec::new();
         let mut events = Vec::new();
+        let (mut postponed, mut postponed_to) = (Vec::new(), Vec::new());
         for report in reports {
-            let attempt = &report.attempt;
+            let Some(attempt) = &report.attempt else {
+                if let NextStep::RetryAt(at) = &report.next {
+                    postponed.push(report.delivery.as_uuid());
+                    postponed_to.push(*at);
+                }
+                continue;
+            };
             ids.push(report.delivery.as_uuid());
             numbers.push(i64::from(attempt.number));
             ats.push(attempt.at);
@@ -120,7 +128,7 @@ impl DeliveryQueue for PgDeliveryQueue {
                 NextStep::Failed => (DeliveryStatus::Failed, None, None),
                 NextStep::DisableEndpoint { reason, audit } => {
                     disable.push((report.webhook, reason.clone(), attempt.at));
-                    events.push(audit.clone());
+                    events.push(NewAuditEvent::clone(audit));
                     (DeliveryStatus::Failed, None, None)
                 }
             };
@@ -129,6 +137,7 @@ impl DeliveryQueue for PgDeliveryQueue {
             delivered.push(done);
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
+        if !ids.is_empty() {
         sqlx::query(
             "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
                  $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
@@ -152,6 +161,19 @@ impl DeliveryQueue for PgDeliveryQueue {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        }
+        if !postponed.is_empty() {
+            sqlx::query(
+                "UPDATE webhook_deliveries d SET next_attempt_at = v.next \
+                 FROM UNNEST($1::uuid[], $2::timestamptz[]) AS v(id, next) \
+                 WHERE d.id = v.id AND d.status = 'pending'",
+            )
+            .bind(&postponed)
+            .bind(&postponed_to)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
         for (webhook, reason, at) in &disable {
             sqlx::query(
                 "UPDATE webhooks SET enabled = FALSE, disabled_reason = $2, updated_at = $3 \

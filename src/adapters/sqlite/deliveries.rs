@@ -15,6 +15,7 @@ use crate::adapters::sql::{
     DELIVERY_COLUMNS, Dialect, Sealing, attempt_from_row, db, delivery_from_row, outbox_insert,
     page, translate,
 };
+use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::CommandId;
 use crate::domain::webhook::{
     Attempt, Delivery, DeliveryId, DeliveryStatus, WebhookId, WebhookSecret, WebhookUrl,
@@ -137,7 +138,20 @@ impl DeliveryQueue for SqliteDeliveryQueue {
         let mut tx = self.db.begin().await?;
         let mut events = Vec::new();
         for report in reports {
-            let attempt = &report.attempt;
+            let Some(attempt) = &report.attempt else {
+                if let NextStep::RetryAt(at) = &report.next {
+                    sqlx::query(
+                        "UPDATE webhook_deliveries SET next_attempt_at = $2 \
+                         WHERE id = $1 AND status = 'pending'",
+                    )
+                    .bind(report.delivery.as_uuid())
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                }
+                continue;
+            };
             sqlx::query(
                 "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -185,7 +199,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-                events.push(audit.clone());
+                events.push(NewAuditEvent::clone(audit));
             }
         }
         let head = audit::append(&mut tx, &events, &self.sealing.key).await?;
