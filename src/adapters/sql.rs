@@ -19,13 +19,13 @@ use crate::domain::command::{
     Command, CommandLine, CommandStatus, OutputChunk, OutputStream, Priority, TerminationReason,
 };
 use crate::domain::ids::{ApiKeyId, AuditEventId, CommandId, ProjectId};
-use crate::domain::webhook::{
-    Attempt, Delivery, DeliveryId, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret,
-    WebhookUrl,
-};
 use crate::domain::project::{
     EnvVars, ExecutorKind, KubeLabelName, KubeTarget, LabelSelector, PodName, PodRef, Project,
     ProjectName, Workdir,
+};
+use crate::domain::webhook::{
+    Attempt, Delivery, DeliveryId, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret,
+    WebhookUrl,
 };
 use crate::ports::{AuditHeads, Page, PortError, ProjectLoad, QueueSummary};
 
@@ -623,8 +623,7 @@ where
     }
 }
 
-pub const WEBHOOK_COLUMNS: &str =
-    "id, url, events, project_id, description, secret, enabled, disabled_reason, created_at, updated_at";
+pub const WEBHOOK_COLUMNS: &str = "id, url, events, project_id, description, secret, enabled, disabled_reason, created_at, updated_at";
 pub const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, payload, status, attempts, \
     next_attempt_at, last_status_code, last_latency_ms, last_error, created_at, delivered_at";
 
@@ -747,9 +746,9 @@ impl Dialect {
     /// A JSON string of a timestamp column (RFC 3339).
     fn time_json(self, column: &str) -> String {
         match self {
-            Dialect::Postgres => format!(
-                "to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-            ),
+            Dialect::Postgres => {
+                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            }
             // sqlx stores times on SQLite as RFC 3339 text already.
             Dialect::Sqlite => column.to_owned(),
         }

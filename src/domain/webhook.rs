@@ -248,7 +248,9 @@ impl EventFilter {
         for name in raw {
             let event = EventType::parse(name)?;
             if event == EventType::Ping {
-                return Err(Rule::new("`ping` is always delivered and cannot be filtered"));
+                return Err(Rule::new(
+                    "`ping` is always delivered and cannot be filtered",
+                ));
             }
             events.push(event);
         }
@@ -523,7 +525,10 @@ mod tests {
             "http://2130706433/",
         ] {
             assert!(WebhookUrl::parse(url, false).is_err(), "{url} was accepted");
-            assert!(WebhookUrl::parse(url, true).is_ok(), "{url} refused when allowed");
+            assert!(
+                WebhookUrl::parse(url, true).is_ok(),
+                "{url} refused when allowed"
+            );
         }
         assert!(WebhookUrl::parse("http://93.184.216.34/", false).is_ok());
         assert!(WebhookUrl::parse("http://[2606:4700::1111]/", false).is_ok());
@@ -532,8 +537,7 @@ mod tests {
     #[test]
     fn filters_parse_and_round_trip_through_storage() {
         assert_eq!(EventFilter::parse(&[]).unwrap(), EventFilter::All);
-        let only =
-            EventFilter::parse(&["command.failed".into(), "command.queued".into()]).unwrap();
+        let only = EventFilter::parse(&["command.failed".into(), "command.queued".into()]).unwrap();
         assert_eq!(only.to_stored(), "command.queued,command.failed");
         assert_eq!(EventFilter::from_stored(&only.to_stored()).unwrap(), only);
         assert!(only.matches(EventType::CommandFailed));

@@ -111,7 +111,8 @@ impl Dispatcher {
             }
             let busy = claimed >= self.settings.per_endpoint;
             // Half open: one probe at a time.
-            let waiting = state == CircuitState::Open || (state == CircuitState::HalfOpen && claimed > 0);
+            let waiting =
+                state == CircuitState::Open || (state == CircuitState::HalfOpen && claimed > 0);
             if busy || waiting {
                 skip.push(*id);
             }
@@ -199,16 +200,13 @@ impl Dispatcher {
         let started = Instant::now();
         let sent = endpoint
             .breaker
-            .call(
-                |_: &Result<u16, SendError>| true,
-                async {
-                    // An answer that is not 2xx counts against the breaker too.
-                    match self.ports.sender.send(&request).await {
-                        Ok(code) if (200..300).contains(&code) || code == 410 => Ok(Ok(code)),
-                        other => Err(other),
-                    }
-                },
-            )
+            .call(|_: &Result<u16, SendError>| true, async {
+                // An answer that is not 2xx counts against the breaker too.
+                match self.ports.sender.send(&request).await {
+                    Ok(code) if (200..300).contains(&code) || code == 410 => Ok(Ok(code)),
+                    other => Err(other),
+                }
+            })
             .await;
         let latency = started.elapsed();
         let answer = match sent {
@@ -288,7 +286,10 @@ impl Dispatcher {
 
 /// Writes reports in batches as they come; a failed write is retried, so an attempt is never
 /// forgotten while the process lives (if it dies, the lease brings the delivery back).
-async fn report_loop(queue: Arc<dyn DeliveryQueue>, mut inbox: mpsc::UnboundedReceiver<AttemptReport>) {
+async fn report_loop(
+    queue: Arc<dyn DeliveryQueue>,
+    mut inbox: mpsc::UnboundedReceiver<AttemptReport>,
+) {
     let mut batch = Vec::with_capacity(REPORT_BATCH);
     while inbox.recv_many(&mut batch, REPORT_BATCH).await > 0 {
         loop {

@@ -119,10 +119,9 @@ impl WebhookService {
             .insert(&webhook, audit)
             .await
             .map_err(|e| match e {
-                PortError::MissingReference => ServiceError::Invalid(vec![FieldError::new(
-                    "/project_id",
-                    "no such project",
-                )]),
+                PortError::MissingReference => {
+                    ServiceError::Invalid(vec![FieldError::new("/project_id", "no such project")])
+                }
                 other => other.into(),
             })?;
         Ok(IssuedWebhook { webhook })
@@ -171,10 +170,9 @@ impl WebhookService {
             .save(&webhook, audit)
             .await
             .map_err(|e| match e {
-                PortError::MissingReference => ServiceError::Invalid(vec![FieldError::new(
-                    "/project_id",
-                    "no such project",
-                )]),
+                PortError::MissingReference => {
+                    ServiceError::Invalid(vec![FieldError::new("/project_id", "no such project")])
+                }
                 other => ServiceError::from_port(other, "webhook"),
             })?;
         Ok(webhook)

@@ -321,7 +321,9 @@ async fn update_webhook(
     ApiJson(body): ApiJson<UpdateWebhookRequest>,
 ) -> Result<Json<WebhookResponse>, ApiError> {
     let changes = body.try_into()?;
-    Ok(Json(state.webhooks.update(&caller, id, changes).await?.into()))
+    Ok(Json(
+        state.webhooks.update(&caller, id, changes).await?.into(),
+    ))
 }
 
 /// Deletes an endpoint and its deliveries (admin).
@@ -381,7 +383,10 @@ async fn list_deliveries(
         });
     }
     let before = query.cursor.map(DeliveryId::from_uuid);
-    let page = state.webhooks.deliveries(&caller, id, before, limit).await?;
+    let page = state
+        .webhooks
+        .deliveries(&caller, id, before, limit)
+        .await?;
     Ok(Json(DeliveryList {
         items: page.items.into_iter().map(Into::into).collect(),
         next_cursor: page.next_cursor,
@@ -397,7 +402,9 @@ async fn get_delivery(
     caller: Caller,
     ApiPath((id, delivery)): ApiPath<(WebhookId, DeliveryId)>,
 ) -> Result<Json<DeliveryLogResponse>, ApiError> {
-    Ok(Json(state.webhooks.delivery(&caller, id, delivery).await?.into()))
+    Ok(Json(
+        state.webhooks.delivery(&caller, id, delivery).await?.into(),
+    ))
 }
 
 /// Sends a delivery again, due at once, with the same `webhook-id` (admin).

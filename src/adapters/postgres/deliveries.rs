@@ -10,10 +10,10 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use super::audit;
-use crate::domain::audit::NewAuditEvent;
 use crate::adapters::sql::{
     DELIVERY_COLUMNS, Sealing, attempt_from_row, db, delivery_from_row, page, translate,
 };
+use crate::domain::audit::NewAuditEvent;
 use crate::domain::webhook::{
     Attempt, Delivery, DeliveryId, DeliveryStatus, WebhookId, WebhookSecret, WebhookUrl,
 };
@@ -138,7 +138,7 @@ impl DeliveryQueue for PgDeliveryQueue {
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
         if !ids.is_empty() {
-        sqlx::query(
+            sqlx::query(
             "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
                  $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
                  AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
