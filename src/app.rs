@@ -493,6 +493,7 @@ pub async fn build_with_clock(
                 failure_threshold: config.webhook_breaker_failures,
                 open_for: Duration::from_secs(config.webhook_breaker_open_secs),
             },
+            drain: Duration::from_secs(config.shutdown_grace_secs),
         },
     ));
     let state = AppState::new(Services {

@@ -40,6 +40,9 @@ pub struct DispatcherSettings {
     pub poll_interval: Duration,
     pub schedule: RetrySchedule,
     pub breaker: BreakerSettings,
+    /// How long attempts in flight may finish after the stop; the rest are dropped unreported
+    /// (their leases bring them back to a dispatcher).
+    pub drain: Duration,
 }
 
 /// One endpoint as this replica sees it.
@@ -121,8 +124,8 @@ impl Dispatcher {
         skip
     }
 
-    /// Claims and sends until `stop` is cancelled, then lets attempts in flight finish (each is
-    /// bounded by the sender's timeout) and writes their reports.
+    /// Claims and sends until `stop` is cancelled, then lets attempts in flight finish within
+    /// the drain time and writes their reports.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency));
         let (reports, inbox) = mpsc::unbounded_channel();
@@ -174,7 +177,17 @@ impl Dispatcher {
                 }
             }
         }
-        while tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(self.settings.drain, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                in_flight = tasks.len(),
+                "webhook attempts still in flight at shutdown are left to their leases"
+            );
+            tasks.shutdown().await;
+        }
         drop(reports);
         let _ = reporter.await;
     }
