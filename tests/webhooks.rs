@@ -190,9 +190,14 @@ async fn retries_after_500s_then_delivers_with_verifiable_signatures(backend: Ba
     let (webhook, secret) = create_webhook(&server, &receiver.url(), &["command.succeeded"]).await;
     let project = server.create_project("p", json!({})).await;
     let command = server.submit(&project, json!({"command": "true"})).await;
-    server.wait_for(&command, Some("succeeded"), Duration::from_secs(20)).await;
+    server
+        .wait_for(&command, Some("succeeded"), Duration::from_secs(20))
+        .await;
     eventually(Duration::from_secs(20), "the delivery succeeds", || async {
-        deliveries(&server, &webhook).await.first().is_some_and(|d| d["status"] == "delivered")
+        deliveries(&server, &webhook)
+            .await
+            .first()
+            .is_some_and(|d| d["status"] == "delivered")
     })
     .await;
     let listed = deliveries(&server, &webhook).await;
@@ -212,17 +217,27 @@ async fn retries_after_500s_then_delivers_with_verifiable_signatures(backend: Ba
 
     let got = receiver.log();
     assert_eq!(got.len(), 3);
-    assert!(got.iter().all(|r| r.id == delivery["id"]), "one webhook-id across retries");
+    assert!(
+        got.iter().all(|r| r.id == delivery["id"]),
+        "one webhook-id across retries"
+    );
     let payload = got[2].payload();
     assert_eq!(payload["type"], "command.succeeded");
     assert_eq!(payload["data"]["id"], command);
     assert_eq!(payload["data"]["exit_code"], 0);
-    assert!(got.iter().all(|r| r.traceparent.len() == 55 && r.traceparent.starts_with("00-")));
+    assert!(
+        got.iter()
+            .all(|r| r.traceparent.len() == 55 && r.traceparent.starts_with("00-"))
+    );
     verify_with_standardwebhooks(&secret, &got).await;
 
     // A ping goes whatever the filter says, and is signed the same way.
     let ping = server
-        .post(&format!("/api/v1/webhooks/{webhook}/ping"), ADMIN_KEY, json!({}))
+        .post(
+            &format!("/api/v1/webhooks/{webhook}/ping"),
+            ADMIN_KEY,
+            json!({}),
+        )
         .await;
     assert_eq!(ping.status(), StatusCode::ACCEPTED);
     eventually(Duration::from_secs(10), "the ping arrives", || async {
@@ -246,18 +261,35 @@ async fn a_receiver_down_then_up_gets_every_event(backend: Backend) {
     let (webhook, _) = create_webhook(&server, &url, &["*"]).await;
     let project = server.create_project("p", json!({})).await;
     let command = server.submit(&project, json!({"command": "true"})).await;
-    server.wait_for(&command, Some("succeeded"), Duration::from_secs(20)).await;
-    eventually(Duration::from_secs(20), "attempts fail while it is down", || async {
-        let listed = deliveries(&server, &webhook).await;
-        listed.len() == 3 && listed.iter().all(|d| d["attempts"].as_u64() >= Some(1))
-    })
+    server
+        .wait_for(&command, Some("succeeded"), Duration::from_secs(20))
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "attempts fail while it is down",
+        || async {
+            let listed = deliveries(&server, &webhook).await;
+            listed.len() == 3 && listed.iter().all(|d| d["attempts"].as_u64() >= Some(1))
+        },
+    )
     .await;
     let failed = deliveries(&server, &webhook).await;
-    assert!(failed.iter().all(|d| d["status"] == "pending" && d["last_error"].is_string()));
+    assert!(
+        failed
+            .iter()
+            .all(|d| d["status"] == "pending" && d["last_error"].is_string())
+    );
     let receiver = Receiver::serve(socket.listen(128).unwrap(), &[]);
-    eventually(Duration::from_secs(20), "every event arrives once it is up", || async {
-        deliveries(&server, &webhook).await.iter().all(|d| d["status"] == "delivered")
-    })
+    eventually(
+        Duration::from_secs(20),
+        "every event arrives once it is up",
+        || async {
+            deliveries(&server, &webhook)
+                .await
+                .iter()
+                .all(|d| d["status"] == "delivered")
+        },
+    )
     .await;
     let mut types: Vec<String> = receiver
         .log()
@@ -266,7 +298,10 @@ async fn a_receiver_down_then_up_gets_every_event(backend: Backend) {
         .collect();
     types.sort();
     types.dedup();
-    assert_eq!(types, ["command.queued", "command.started", "command.succeeded"]);
+    assert_eq!(
+        types,
+        ["command.queued", "command.started", "command.succeeded"]
+    );
     server.stop().await;
 }
 
@@ -279,15 +314,19 @@ async fn gone_disables_the_endpoint(backend: Backend) {
     let (webhook, _) = create_webhook(&server, &receiver.url(), &["command.queued"]).await;
     let project = server.create_project("p", json!({})).await;
     server.submit(&project, json!({"command": "true"})).await;
-    eventually(Duration::from_secs(20), "the endpoint is disabled", || async {
-        let hook: Value = server
-            .get(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
-            .await
-            .json()
-            .await
-            .unwrap();
-        hook["enabled"] == false
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the endpoint is disabled",
+        || async {
+            let hook: Value = server
+                .get(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
+                .await
+                .json()
+                .await
+                .unwrap();
+            hook["enabled"] == false
+        },
+    )
     .await;
     let hook: Value = server
         .get(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
@@ -312,7 +351,11 @@ async fn gone_disables_the_endpoint(backend: Backend) {
     assert_eq!(audit["items"].as_array().unwrap().len(), 1, "{audit}");
     // An admin turns it back on.
     let enabled = server
-        .patch(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY, json!({"enabled": true}))
+        .patch(
+            &format!("/api/v1/webhooks/{webhook}"),
+            ADMIN_KEY,
+            json!({"enabled": true}),
+        )
         .await;
     let enabled: Value = enabled.json().await.unwrap();
     assert_eq!(enabled["enabled"], true);
@@ -328,7 +371,9 @@ both_backends!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
-    let db = TestDb::new(Backend::Sqlite).await.expect("SQLite needs no server");
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
     let mut config = config_for(&db);
     config.webhook_allow_private = false;
     let server = TestServer::start_with(config).await;
@@ -353,7 +398,12 @@ async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
         let body = support::problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert_eq!(body["errors"][0]["pointer"], "/url", "{url}: {body}");
     }
-    let listed: Value = server.get("/api/v1/webhooks", ADMIN_KEY).await.json().await.unwrap();
+    let listed: Value = server
+        .get("/api/v1/webhooks", ADMIN_KEY)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed["items"], json!([]));
 
     // At connect time: the resolver drops the loopback address before reqwest connects (an
@@ -378,7 +428,10 @@ async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
                 traceparent: "00-0-0-01".into(),
             })
             .await;
-        assert!(matches!(sent, Err(SendError::Refused(_))), "{url}: {sent:?}");
+        assert!(
+            matches!(sent, Err(SendError::Refused(_))),
+            "{url}: {sent:?}"
+        );
     }
     assert!(receiver.log().is_empty(), "no request reached the receiver");
     server.stop().await;
@@ -399,7 +452,9 @@ async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_endpoint_does_not_slow_a_healthy_one() {
-    let db = TestDb::new(Backend::Sqlite).await.expect("SQLite needs no server");
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
     let mut config = config_for(&db);
     // Long enough that no black-holed attempt ends during the test.
     config.webhook_timeout_secs = 60;
@@ -410,23 +465,36 @@ async fn a_black_holed_endpoint_does_not_slow_a_healthy_one() {
     let (dead, _) = create_webhook(&server, &format!("http://{hole}/hook"), &["*"]).await;
     let receiver = Receiver::start(&[]).await;
     let (healthy, _) = create_webhook(&server, &receiver.url(), &["*"]).await;
-    let project = server.create_project("p", json!({"max_concurrency": 4})).await;
+    let project = server
+        .create_project("p", json!({"max_concurrency": 4}))
+        .await;
     let mut commands = Vec::new();
     for _ in 0..10 {
         commands.push(server.submit(&project, json!({"command": "true"})).await);
     }
     for command in &commands {
-        server.wait_for(command, Some("succeeded"), Duration::from_secs(30)).await;
+        server
+            .wait_for(command, Some("succeeded"), Duration::from_secs(30))
+            .await;
     }
-    eventually(Duration::from_secs(30), "the healthy endpoint gets all 30 events", || async {
-        let listed = deliveries(&server, &healthy).await;
-        listed.len() == 30 && listed.iter().all(|d| d["status"] == "delivered")
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the healthy endpoint gets all 30 events",
+        || async {
+            let listed = deliveries(&server, &healthy).await;
+            listed.len() == 30 && listed.iter().all(|d| d["status"] == "delivered")
+        },
+    )
     .await;
     // Meanwhile not one black-holed attempt has ended: the healthy endpoint never waited for it.
     let stuck = deliveries(&server, &dead).await;
     assert_eq!(stuck.len(), 30);
-    assert!(stuck.iter().all(|d| d["status"] == "pending" && d["attempts"] == 0), "{stuck:?}");
+    assert!(
+        stuck
+            .iter()
+            .all(|d| d["status"] == "pending" && d["attempts"] == 0),
+        "{stuck:?}"
+    );
     assert_eq!(receiver.log().len(), 30, "each event once");
     server.stop().await;
 }
@@ -447,13 +515,24 @@ async fn a_server_killed_mid_dispatch_delivers_every_event_after_restart() {
     let receiver = Receiver::start(&[]).await;
     receiver.set_delay(Duration::from_millis(150));
     let (webhook, secret) = create_webhook(&first.server, &receiver.url(), &["*"]).await;
-    let project = first.server.create_project("p", json!({"max_concurrency": 4})).await;
+    let project = first
+        .server
+        .create_project("p", json!({"max_concurrency": 4}))
+        .await;
     let mut commands = Vec::new();
     for _ in 0..12 {
-        commands.push(first.server.submit(&project, json!({"command": "true"})).await);
+        commands.push(
+            first
+                .server
+                .submit(&project, json!({"command": "true"}))
+                .await,
+        );
     }
     for command in &commands {
-        first.server.wait_for(command, Some("succeeded"), Duration::from_secs(30)).await;
+        first
+            .server
+            .wait_for(command, Some("succeeded"), Duration::from_secs(30))
+            .await;
     }
     eventually(Duration::from_secs(30), "dispatch is under way", || async {
         receiver.log().len() >= 6
@@ -463,13 +542,20 @@ async fn a_server_killed_mid_dispatch_delivers_every_event_after_restart() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     let seen_before = receiver.log().len();
-    assert!(seen_before < 36, "killed mid-dispatch, after {seen_before} of 36");
+    assert!(
+        seen_before < 36,
+        "killed mid-dispatch, after {seen_before} of 36"
+    );
 
     let second = ServerProcess::start(&db, &env).await;
-    eventually(Duration::from_secs(60), "every delivery ends delivered", || async {
-        let listed = deliveries(&second.server, &webhook).await;
-        listed.len() == 36 && listed.iter().all(|d| d["status"] == "delivered")
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every delivery ends delivered",
+        || async {
+            let listed = deliveries(&second.server, &webhook).await;
+            listed.len() == 36 && listed.iter().all(|d| d["status"] == "delivered")
+        },
+    )
     .await;
     // Every (command, event) reached the receiver at least once.
     let got = receiver.log();
@@ -487,8 +573,15 @@ async fn a_server_killed_mid_dispatch_delivers_every_event_after_restart() {
     for delivery in deliveries(&second.server, &webhook).await {
         let log = delivery_log(&second.server, &webhook, delivery["id"].as_str().unwrap()).await;
         let attempts = log["attempt_log"].as_array().unwrap();
-        let numbers: Vec<u64> = attempts.iter().map(|a| a["attempt"].as_u64().unwrap()).collect();
-        assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "{log}");
+        let numbers: Vec<u64> = attempts
+            .iter()
+            .map(|a| a["attempt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as u64).collect::<Vec<_>>(),
+            "{log}"
+        );
         assert_eq!(attempts.last().unwrap()["status_code"], 204, "{log}");
         assert_eq!(log["attempts"].as_u64().unwrap(), numbers.len() as u64);
     }
@@ -509,7 +602,11 @@ async fn verify_with_standardwebhooks(secret: &str, requests: &[Received]) {
             json!({"id": r.id, "timestamp": r.timestamp, "signature": r.signature, "body": r.body})
         })
         .collect();
-    std::fs::write(&spec, json!({"secret": secret, "requests": requests}).to_string()).unwrap();
+    std::fs::write(
+        &spec,
+        json!({"secret": secret, "requests": requests}).to_string(),
+    )
+    .unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/webhooks/verify.py");
     let output = Command::new(venv.join("bin/python"))
         .arg(script)
@@ -544,7 +641,11 @@ async fn verifier_venv() -> Option<PathBuf> {
         match std::fs::File::create_new(&lock) {
             Ok(_) => break,
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                assert!(tokio::time::Instant::now() < deadline, "{} held", lock.display());
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} held",
+                    lock.display()
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(error) => panic!("cannot create {}: {error}", lock.display()),
@@ -585,7 +686,12 @@ async fn make_venv(venv: &Path) -> Result<(), String> {
         ));
     }
     let installed = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", VERIFIER])
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            VERIFIER,
+        ])
         .output()
         .await
         .map_err(|e| format!("pip did not start: {e}"))?;

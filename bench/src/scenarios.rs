@@ -14,6 +14,7 @@ mod latency;
 mod output;
 mod queue;
 mod sse;
+mod webhooks;
 
 pub type Run = for<'a> fn(&'a Ctx) -> Pin<Box<dyn Future<Output = Result<Vec<Row>>> + 'a>>;
 
@@ -30,4 +31,5 @@ pub const ALL: &[Scenario] = &[
     sse::SCENARIO,
     output::SCENARIO,
     kube::SCENARIO,
+    webhooks::SCENARIO,
 ];

@@ -134,7 +134,9 @@ impl Dispatcher {
         while !stop.is_cancelled() {
             while tasks.try_join_next().is_some() {}
             let free = permits.available_permits();
-            if free == 0 {
+            // Claim in batches: a claim per finished attempt would cost a round trip each.
+            let batch = (self.settings.concurrency / 4).max(1);
+            if free < batch && !tasks.is_empty() {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tasks.join_next() => {}
