@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use rdev_api::domain::webhook::{DeliveryId, WebhookUrl};
 use rdev_api::ports::{OutgoingWebhook, SendError, WebhookSender};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use support::venv::python_venv;
 use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, test_config};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::Command;
@@ -591,7 +592,7 @@ async fn a_server_killed_mid_dispatch_delivers_every_event_after_restart() {
 /// Runs the `standardwebhooks` verifier over `requests`; each must verify, and a tampered copy
 /// of each must not.
 async fn verify_with_standardwebhooks(secret: &str, requests: &[Received]) {
-    let Some(venv) = verifier_venv().await else {
+    let Some(venv) = python_venv(VERIFIER).await else {
         return;
     };
     let work = tempfile::tempdir().unwrap();
@@ -623,84 +624,4 @@ async fn verify_with_standardwebhooks(secret: &str, requests: &[Received]) {
     let result: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["verified"], requests.len());
     assert_eq!(result["tampered_refused"], requests.len());
-}
-
-/// The virtualenv holding the verifier, made on first use; `None` (with a note) when python3
-/// cannot make one outside CI.
-async fn verifier_venv() -> Option<PathBuf> {
-    let version = VERIFIER.replace("==", "-");
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("venv-{version}"));
-    let ready = venv.join(".installed");
-    if ready.exists() {
-        return Some(venv);
-    }
-    let lock = venv.with_extension("lock");
-    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        match std::fs::File::create_new(&lock) {
-            Ok(_) => break,
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{} held",
-                    lock.display()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(error) => panic!("cannot create {}: {error}", lock.display()),
-        }
-    }
-    let made = make_venv(&venv).await;
-    let _ = std::fs::remove_file(&lock);
-    match made {
-        Ok(()) => {
-            std::fs::write(&ready, VERIFIER).unwrap();
-            Some(venv)
-        }
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("cannot make the verifier's virtualenv under CI: {why}")
-        }
-        Err(why) => {
-            support::skipped(&format!("no standardwebhooks verifier ({why})"));
-            None
-        }
-    }
-}
-
-async fn make_venv(venv: &Path) -> Result<(), String> {
-    if venv.join(".installed").exists() {
-        return Ok(());
-    }
-    let _ = std::fs::remove_dir_all(venv);
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(venv)
-        .output()
-        .await
-        .map_err(|e| format!("python3 did not start: {e}"))?;
-    if !created.status.success() {
-        return Err(format!(
-            "python3 -m venv failed: {}",
-            String::from_utf8_lossy(&created.stderr)
-        ));
-    }
-    let installed = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            VERIFIER,
-        ])
-        .output()
-        .await
-        .map_err(|e| format!("pip did not start: {e}"))?;
-    if installed.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "pip install {VERIFIER} failed: {}",
-            String::from_utf8_lossy(&installed.stderr)
-        ))
-    }
 }

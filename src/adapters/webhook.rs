@@ -64,6 +64,8 @@ pub struct SenderSettings {
 pub struct HttpWebhookSender {
     client: reqwest::Client,
     allow_private: bool,
+    /// Also bounds the create-time DNS check.
+    connect_timeout: Duration,
 }
 
 impl HttpWebhookSender {
@@ -81,6 +83,7 @@ impl HttpWebhookSender {
         Ok(Self {
             client: builder.build()?,
             allow_private: settings.allow_private,
+            connect_timeout: settings.connect_timeout,
         })
     }
 
@@ -163,10 +166,12 @@ impl WebhookSender for HttpWebhookSender {
         let Some(url::Host::Domain(host)) = url.host() else {
             return Ok(());
         };
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
-            .await
-            .map_err(|e| SendError::Refused(format!("{host} does not resolve: {e}")))?
-            .collect();
+        let found: Vec<SocketAddr> =
+            tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host((host, 0)))
+                .await
+                .map_err(|_| SendError::Refused(format!("{host} did not resolve in time")))?
+                .map_err(|e| SendError::Refused(format!("{host} does not resolve: {e}")))?
+                .collect();
         if found.is_empty() {
             return Err(SendError::Refused(format!("{host} does not resolve")));
         }

@@ -17,8 +17,8 @@ use rdev_api::domain::audit::{AuditContext, AuditKey, NewAuditEvent, action};
 use rdev_api::domain::webhook::{
     DeliveryId, EventFilter, RetrySchedule, Webhook, WebhookId, WebhookSecret, WebhookUrl,
 };
-use rdev_api::ports::{Clock, WebhookEndpoints};
 use rdev_api::ports::clock::SystemClock;
+use rdev_api::ports::{Clock, WebhookEndpoints};
 use rdev_api::resilience::BreakerSettings;
 use rdev_api::services::dispatcher::{Dispatcher, DispatcherPorts, DispatcherSettings};
 use tokio::net::TcpListener;
