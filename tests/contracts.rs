@@ -380,6 +380,7 @@ contract!(
     claims_bound_each_endpoint_and_skip_the_ones_asked,
     gone_disables_the_endpoint_and_its_deliveries_wait,
     redelivery_makes_a_finished_delivery_due_again,
+    a_report_after_its_endpoint_was_deleted_writes_nothing,
     claims_take_the_best_priority_across_projects,
     projects_with_a_backlog_share_the_workers,
     claims_respect_max_concurrency_and_finishes_free_the_slot,
@@ -1014,6 +1015,43 @@ async fn redelivery_makes_a_finished_delivery_due_again(s: Stores) {
         s.deliveries
             .redeliver(WebhookId::new(), claimed[0].delivery.id)
             .await,
+        Err(PortError::NotFound)
+    ));
+}
+
+async fn a_report_after_its_endpoint_was_deleted_writes_nothing(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    let kept = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "a").await;
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 10, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let event = s.event(action::WEBHOOK_DELETED, hook.to_string());
+    s.webhooks.delete(hook, event).await.unwrap();
+    let reports: Vec<AttemptReport> = claimed
+        .iter()
+        .map(|due| s.report(due, Some(204), NextStep::Delivered))
+        .collect();
+    s.deliveries.report(&reports).await.unwrap();
+    let kept_delivery = claimed
+        .iter()
+        .find(|d| d.delivery.webhook_id == kept)
+        .unwrap();
+    assert_eq!(
+        s.deliveries
+            .get(kept, kept_delivery.delivery.id)
+            .await
+            .unwrap()
+            .status,
+        DeliveryStatus::Delivered,
+        "the other endpoint's report still landed"
+    );
+    assert!(matches!(
+        s.webhooks.get(hook).await,
         Err(PortError::NotFound)
     ));
 }

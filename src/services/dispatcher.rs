@@ -299,17 +299,24 @@ impl Dispatcher {
     }
 }
 
-/// Writes reports in batches as they come; a failed write is retried, so an attempt is never
-/// forgotten while the process lives (if it dies, the lease brings the delivery back).
+/// Times a batch of reports is written before it is given up.
+const REPORT_TRIES: u32 = 20;
+
+/// Writes reports in batches as they come; a failed write is retried (for about 10 s, a
+/// database failover), then given up: the leases bring those deliveries back, and they are sent
+/// again (at least once).
 async fn report_loop(
     queue: Arc<dyn DeliveryQueue>,
     mut inbox: mpsc::UnboundedReceiver<AttemptReport>,
 ) {
     let mut batch = Vec::with_capacity(REPORT_BATCH);
     while inbox.recv_many(&mut batch, REPORT_BATCH).await > 0 {
-        loop {
+        for tried in 1..=REPORT_TRIES {
             match queue.report(&batch).await {
                 Ok(()) => break,
+                Err(error) if tried == REPORT_TRIES => {
+                    tracing::error!(%error, reports = batch.len(), "gave up recording webhook attempts; their deliveries will be sent again");
+                }
                 Err(error) => {
                     tracing::warn!(%error, reports = batch.len(), "cannot record webhook attempts; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -143,7 +143,8 @@ impl DeliveryQueue for PgDeliveryQueue {
                  $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
                  AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
              attempts AS (INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
-                 SELECT id, attempt, at, code, latency, error FROM v ON CONFLICT DO NOTHING) \
+                 SELECT v.id, v.attempt, v.at, v.code, v.latency, v.error FROM v \
+                 JOIN webhook_deliveries d ON d.id = v.id ON CONFLICT DO NOTHING) \
              UPDATE webhook_deliveries d SET status = v.status, attempts = GREATEST(d.attempts, v.attempt), \
                  next_attempt_at = v.next, last_status_code = v.code, last_latency_ms = v.latency, \
                  last_error = v.error, delivered_at = COALESCE(v.delivered, d.delivered_at) \

@@ -154,7 +154,9 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             };
             sqlx::query(
                 "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                 SELECT $1, $2, $3, $4, $5, $6 \
+                 WHERE EXISTS (SELECT 1 FROM webhook_deliveries WHERE id = $1) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(report.delivery.as_uuid())
             .bind(i64::from(attempt.number))
