@@ -625,3 +625,84 @@ async fn verify_with_standardwebhooks(secret: &str, requests: &[Received]) {
     assert_eq!(result["verified"], requests.len());
     assert_eq!(result["tampered_refused"], requests.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_are_audited_without_the_secret_and_rotation_signs_with_the_new_one() {
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
+    let server = TestServer::start_with(config_for(&db)).await;
+    let receiver = Receiver::start(&[]).await;
+    let (webhook, first_secret) = create_webhook(&server, &receiver.url(), &["*"]).await;
+    let shown: Value = server
+        .get(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        shown.get("secret").is_none(),
+        "the secret is shown once: {shown}"
+    );
+    let rotated: Value = server
+        .post(
+            &format!("/api/v1/webhooks/{webhook}/rotate"),
+            ADMIN_KEY,
+            json!({}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(first_secret, second_secret);
+    let patched = server
+        .patch(
+            &format!("/api/v1/webhooks/{webhook}"),
+            ADMIN_KEY,
+            json!({"events": ["command.failed"], "description": "ops"}),
+        )
+        .await;
+    assert_eq!(patched.status(), StatusCode::OK);
+    let ping = server
+        .post(
+            &format!("/api/v1/webhooks/{webhook}/ping"),
+            ADMIN_KEY,
+            json!({}),
+        )
+        .await;
+    assert_eq!(ping.status(), StatusCode::ACCEPTED);
+    eventually(Duration::from_secs(10), "the ping arrives", || async {
+        receiver.log().len() == 1
+    })
+    .await;
+    verify_with_standardwebhooks(&second_secret, &receiver.log()).await;
+
+    let deleted = server
+        .delete(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
+        .await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let missing = server
+        .get(&format!("/api/v1/webhooks/{webhook}"), ADMIN_KEY)
+        .await;
+    support::problem(missing, StatusCode::NOT_FOUND).await;
+    let audit = server
+        .get(&format!("/api/v1/audit?target_id={webhook}"), ADMIN_KEY)
+        .await
+        .text()
+        .await
+        .unwrap();
+    for action in [
+        "webhook.created",
+        "webhook.rotated",
+        "webhook.updated",
+        "webhook.deleted",
+    ] {
+        assert!(audit.contains(action), "{action} missing: {audit}");
+    }
+    for secret in [&first_secret, &second_secret] {
+        let key = secret.trim_start_matches("whsec_");
+        assert!(!audit.contains(key), "a secret reached the audit log");
+    }
+    server.stop().await;
+}
