@@ -2,6 +2,8 @@
 //! [`write_outbox`] inside their transactions; dispatchers claim due ones on the writer
 //! connection (claims are serialised there, so no row locks are needed) under a lease that moves
 //! `next_attempt_at` forward, so a dispatcher that dies gives its claims back when it runs out.
+//! SQLite's date functions keep milliseconds only, so rows of one millisecond are ordered by
+//! `rowid` (insertion order).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,7 +97,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             query.push(")");
         }
         query
-            .push(" ORDER BY julianday(d.next_attempt_at), d.id LIMIT ")
+            .push(" ORDER BY julianday(d.next_attempt_at), d.rowid LIMIT ")
             .push_bind(i64::try_from(request.limit.saturating_mul(4)).unwrap_or(i64::MAX));
         let rows = query.build().fetch_all(&mut *tx).await.map_err(db)?;
         let mut per_endpoint: HashMap<WebhookId, usize> = HashMap::new();
@@ -243,9 +245,9 @@ impl DeliveryQueue for SqliteDeliveryQueue {
     async fn list(&self, filter: &DeliveryFilter) -> Result<Page<Delivery>, PortError> {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE webhook_id = $1 \
-             AND ($2 IS NULL OR (julianday(created_at), id) < \
-                  (SELECT julianday(created_at), id FROM webhook_deliveries WHERE id = $2)) \
-             ORDER BY julianday(created_at) DESC, id DESC LIMIT $3"
+             AND ($2 IS NULL OR (julianday(created_at), rowid) < \
+                  (SELECT julianday(created_at), rowid FROM webhook_deliveries WHERE id = $2)) \
+             ORDER BY julianday(created_at) DESC, rowid DESC LIMIT $3"
         ))
         .bind(filter.webhook.as_uuid())
         .bind(filter.before.map(|d| d.as_uuid()))
