@@ -12,3 +12,4 @@ pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 pub mod telemetry;
+pub mod webhook;

@@ -21,23 +21,27 @@ use crate::adapters::postgres::{PgDatabase, PgRelay, notify};
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics, PprofCpuProfiler};
+use crate::adapters::webhook::{HttpWebhookSender, SenderSettings};
 use crate::config::{Config, ConfigError, RateLimitBackend, Secret};
 use crate::domain::audit::AuditKey;
+use crate::domain::webhook::RetrySchedule;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
-    ConnectionMetrics, Executor, OutputBus, OutputStore, PodManager, ProjectRepository,
-    RateLimiter, SharedSecrets, WorkSignal,
+    ConnectionMetrics, DeliveryQueue, Executor, OutputBus, OutputStore, PodManager,
+    ProjectRepository, RateLimiter, SharedSecrets, WebhookEndpoints, WebhookSender, WorkSignal,
 };
 use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::auth_failures::FailedAuthentications;
 use crate::services::commands::{CommandService, CommandServicePorts, SubmitLimits};
+use crate::services::dispatcher::{Dispatcher, DispatcherPorts, DispatcherSettings};
 use crate::services::follow::{FollowPorts, FollowService, StreamLimiter, StreamTokens};
 use crate::services::pods::{PodService, PodServicePorts};
 use crate::services::projects::ProjectService;
 use crate::services::rate_limits::RequestLimits;
+use crate::services::webhooks::{WebhookPorts, WebhookService};
 use crate::services::worker::{WorkerPool, WorkerPorts, WorkerSettings};
 
 /// The name of the stream token signing key in the shared secrets.
@@ -67,6 +71,8 @@ pub enum StartupError {
     Bootstrap(#[source] crate::services::ServiceError),
     #[error("cannot set up the Kubernetes client")]
     Kube(#[source] KubeSetupError),
+    #[error("cannot set up the webhook HTTP client")]
+    WebhookClient(#[source] reqwest::Error),
     #[error("cannot bind {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
 }
@@ -86,6 +92,8 @@ struct Ports {
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
     secrets: Arc<dyn SharedSecrets>,
+    webhooks: Arc<dyn WebhookEndpoints>,
+    deliveries: Arc<dyn DeliveryQueue>,
 }
 
 impl Storage {
@@ -136,6 +144,8 @@ impl Storage {
                 queue: Arc::new(db.command_queue(clock.clone())),
                 output: Arc::new(db.output_store()),
                 secrets: Arc::new(db.shared_secrets()),
+                webhooks: Arc::new(db.webhook_endpoints()),
+                deliveries: Arc::new(db.delivery_queue(clock.clone())),
             },
             Storage::Postgres(db) => Ports {
                 keys: Arc::new(db.api_keys()),
@@ -145,6 +155,8 @@ impl Storage {
                 queue: Arc::new(db.command_queue()),
                 output: Arc::new(db.output_store()),
                 secrets: Arc::new(db.shared_secrets()),
+                webhooks: Arc::new(db.webhook_endpoints()),
+                deliveries: Arc::new(db.delivery_queue()),
             },
         }
     }
@@ -179,6 +191,7 @@ pub struct App {
     storage: Storage,
     keys: Arc<ApiKeyService>,
     workers: Arc<WorkerPool>,
+    dispatcher: Arc<Dispatcher>,
     /// The generated bootstrap key, when one was just created.
     pub bootstrap_key: Option<String>,
 }
@@ -216,6 +229,7 @@ impl App {
             storage,
             keys,
             workers,
+            dispatcher,
             ..
         } = self;
         tokio::spawn({
@@ -234,12 +248,14 @@ impl App {
         // From SIGTERM on this replica claims nothing; queued commands wait for the others.
         let worker_task = tokio::spawn(workers.run(draining.clone()));
         let usage_task = tokio::spawn(flush_usage_periodically(keys.clone(), shutdown.clone()));
+        let dispatcher_task = tokio::spawn(dispatcher.run(shutdown.clone()));
         http::serve::serve(listener, router, limits, connections, shutdown.clone()).await;
         shutdown.cancel();
         draining.cancel();
         tracing::info!("stopped accepting requests; draining workers");
         let _ = worker_task.await;
         let _ = usage_task.await;
+        let _ = dispatcher_task.await;
         if let Err(error) = keys.flush_usage().await {
             tracing::warn!(%error, "could not write key usage at shutdown");
         }
@@ -451,6 +467,43 @@ pub async fn build_with_clock(
         }
         (RateLimitBackend::Memory, _) => Arc::new(MemoryRateLimiter::new(clock.clone())),
     };
+    let sender: Arc<dyn WebhookSender> = Arc::new(
+        HttpWebhookSender::new(SenderSettings {
+            connect_timeout: Duration::from_millis(config.webhook_connect_timeout_ms),
+            timeout: Duration::from_secs(config.webhook_timeout_secs),
+            allow_private: config.webhook_allow_private,
+        })
+        .map_err(StartupError::WebhookClient)?,
+    );
+    let webhooks = Arc::new(WebhookService::new(
+        WebhookPorts {
+            endpoints: ports.webhooks,
+            deliveries: ports.deliveries.clone(),
+            sender: sender.clone(),
+            clock: clock.clone(),
+        },
+        config.webhook_allow_private,
+    ));
+    let dispatcher = Arc::new(Dispatcher::new(
+        DispatcherPorts {
+            queue: ports.deliveries,
+            sender,
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        },
+        DispatcherSettings {
+            concurrency: config.webhook_concurrency as usize,
+            per_endpoint: config.webhook_endpoint_concurrency as usize,
+            lease: config.webhook_lease(),
+            poll_interval: Duration::from_millis(config.webhook_poll_ms),
+            schedule: RetrySchedule::new(config.webhook_retry_schedule.clone()),
+            breaker: BreakerSettings {
+                failure_threshold: config.webhook_breaker_failures,
+                open_for: Duration::from_secs(config.webhook_breaker_open_secs),
+            },
+            drain: Duration::from_secs(config.shutdown_grace_secs),
+        },
+    ));
     let state = AppState::new(Services {
         keys: keys.clone(),
         limits: Arc::new(RequestLimits::new(limiter, config.rate_limit)),
@@ -460,6 +513,7 @@ pub async fn build_with_clock(
         audit: Arc::new(AuditService::new(ports.audit)),
         commands,
         follow,
+        webhooks,
         metrics,
         profiler: Arc::new(JemallocProfiler),
         cpu_profiler: Arc::new(PprofCpuProfiler::default()),
@@ -484,6 +538,7 @@ pub async fn build_with_clock(
         storage,
         keys,
         workers,
+        dispatcher,
         bootstrap_key,
     })
 }

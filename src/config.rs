@@ -308,6 +308,44 @@ pub struct Config {
     #[arg(long, env = "RDEV_POD_RESTART_WAIT_SECS", value_name = "RDEV_POD_RESTART_WAIT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub pod_restart_wait_secs: u64,
 
+    /// Let webhooks reach loopback, private, link-local (cloud metadata), CGNAT and unique-local
+    /// addresses (`true` or `false`). Off by default: the SSRF guard refuses them.
+    #[arg(long, env = "RDEV_WEBHOOK_ALLOW_PRIVATE", value_name = "RDEV_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::value_parser!(bool))]
+    pub webhook_allow_private: bool,
+
+    /// Waits between webhook attempts (comma-separated durations: `5s,30s,2m`); a delivery gets
+    /// one attempt more than there are waits, then fails. Each wait is jittered by +-20 %.
+    #[arg(long, env = "RDEV_WEBHOOK_RETRY_SCHEDULE", value_name = "RDEV_WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',', default_value = "5s,30s,2m,10m,1h,6h", value_parser = parse_delay)]
+    pub webhook_retry_schedule: Vec<Duration>,
+
+    /// Seconds one webhook attempt may take in all (connect, send, answer).
+    #[arg(long, env = "RDEV_WEBHOOK_TIMEOUT_SECS", value_name = "RDEV_WEBHOOK_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub webhook_timeout_secs: u64,
+
+    /// Milliseconds a webhook connection may take to open.
+    #[arg(long, env = "RDEV_WEBHOOK_CONNECT_TIMEOUT_MS", value_name = "RDEV_WEBHOOK_CONNECT_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub webhook_connect_timeout_ms: u64,
+
+    /// Webhook requests in flight on this replica, all endpoints together.
+    #[arg(long, env = "RDEV_WEBHOOK_CONCURRENCY", value_name = "RDEV_WEBHOOK_CONCURRENCY", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub webhook_concurrency: u64,
+
+    /// Webhook requests in flight to one endpoint on this replica.
+    #[arg(long, env = "RDEV_WEBHOOK_ENDPOINT_CONCURRENCY", value_name = "RDEV_WEBHOOK_ENDPOINT_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub webhook_endpoint_concurrency: u64,
+
+    /// Milliseconds between looks for due webhook deliveries when there is nothing to send.
+    #[arg(long, env = "RDEV_WEBHOOK_POLL_MS", value_name = "RDEV_WEBHOOK_POLL_MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(5..=60_000))]
+    pub webhook_poll_ms: u64,
+
+    /// Consecutive failed attempts to one endpoint that open its circuit breaker.
+    #[arg(long, env = "RDEV_WEBHOOK_BREAKER_FAILURES", value_name = "RDEV_WEBHOOK_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_breaker_failures: u32,
+
+    /// Seconds an endpoint's open circuit holds its deliveries before one probe is sent.
+    #[arg(long, env = "RDEV_WEBHOOK_BREAKER_OPEN_SECS", value_name = "RDEV_WEBHOOK_BREAKER_OPEN_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub webhook_breaker_open_secs: u64,
+
     /// `json` (default) or `text`.
     #[arg(
         long,
@@ -363,6 +401,12 @@ impl Config {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.lease_secs)
+    }
+
+    /// How long a claimed webhook delivery stays with its dispatcher: an attempt may wait for its
+    /// endpoint's slot (one timeout) and then run (another), so three timeouts and a second.
+    pub fn webhook_lease(&self) -> Duration {
+        Duration::from_secs(self.webhook_timeout_secs * 3 + 1)
     }
 
     /// True when `DATABASE_URL` names Postgres.
@@ -553,6 +597,14 @@ fn parse_database_url(raw: &str) -> Result<Secret, String> {
     } else {
         Err("expected sqlite://PATH or postgres://USER@HOST/DB".into())
     }
+}
+
+fn parse_delay(raw: &str) -> Result<Duration, String> {
+    let delay = humantime::parse_duration(raw.trim()).map_err(|e| format!("{raw:?}: {e}"))?;
+    if delay > Duration::from_secs(7 * 24 * 3600) {
+        return Err(format!("{raw:?} is longer than a week"));
+    }
+    Ok(delay)
 }
 
 fn parse_cidr(raw: &str) -> Result<IpNet, String> {

@@ -10,6 +10,7 @@ pub mod project;
 pub mod rate_limit;
 pub mod trace;
 pub mod validation;
+pub mod webhook;
 
 pub use error::DomainError;
 pub use validation::{FieldError, Validation};

@@ -13,6 +13,7 @@ pub mod pods;
 pub mod projects;
 pub mod rate_limit;
 pub mod secrets;
+pub mod webhooks;
 
 pub use api_keys::ApiKeyRepository;
 pub use audit::{AuditFilter, AuditHeads, AuditLog};
@@ -25,7 +26,7 @@ pub use error::PortError;
 pub use executor::{ExecRequest, Execution, Executor};
 pub use metrics::{
     CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics, CpuProfiler,
-    HeapProfiler, HttpRouteMetrics, OperatorMetrics,
+    HeapProfiler, HttpRouteMetrics, OperatorMetrics, WebhookMetrics,
 };
 pub use output::{
     BusEvent, ChangeListener, ChangeNotices, Changed, OutputBus, OutputProgress, OutputStore,
@@ -35,6 +36,10 @@ pub use pods::{PodError, PodManager, PodStatus};
 pub use projects::ProjectRepository;
 pub use rate_limit::RateLimiter;
 pub use secrets::SharedSecrets;
+pub use webhooks::{
+    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep,
+    OutgoingWebhook, SendError, WebhookEndpoints, WebhookSender,
+};
 
 /// A page of results and the cursor of the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,12 +6,14 @@ pub mod audit;
 pub mod auth_failures;
 pub mod caller;
 pub mod commands;
+pub mod dispatcher;
 pub mod error;
 pub mod follow;
 pub mod pods;
 pub mod projects;
 pub mod rate_limits;
 pub mod recorder;
+pub mod webhooks;
 pub mod worker;
 
 pub use caller::Caller;

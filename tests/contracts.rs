@@ -19,7 +19,14 @@ use rdev_api::domain::command::{
 };
 use rdev_api::domain::ids::{ApiKeyId, CommandId, ProjectId};
 use rdev_api::domain::project::{EnvVars, ExecutorKind, Project, ProjectName, Workdir};
+use rdev_api::domain::webhook::{
+    Attempt, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret, WebhookUrl,
+};
 use rdev_api::ports::clock::ManualClock;
+use rdev_api::ports::{
+    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep,
+    WebhookEndpoints,
+};
 use rdev_api::ports::{
     AuditFilter, AuditHeads, AuditLog, Clock, CommandQueue, CommandStore, Finished, IdempotencyKey,
     OutputProgress, OutputStore, PortError, ProjectRepository, Submission, SubmitOutcome,
@@ -61,6 +68,8 @@ struct Stores {
     commands: Arc<dyn CommandStore>,
     queue: Arc<dyn CommandQueue>,
     output: Arc<dyn OutputStore>,
+    webhooks: Arc<dyn WebhookEndpoints>,
+    deliveries: Arc<dyn DeliveryQueue>,
     clock: Arc<ManualClock>,
     heads: Arc<Heads>,
     backend: Backend,
@@ -82,8 +91,10 @@ impl Stores {
                     projects: Arc::new(sqlite.projects()),
                     audit: Arc::new(sqlite.audit_log()),
                     commands: Arc::new(sqlite.command_store(as_clock.clone())),
-                    queue: Arc::new(sqlite.command_queue(as_clock)),
+                    queue: Arc::new(sqlite.command_queue(as_clock.clone())),
                     output: Arc::new(sqlite.output_store()),
+                    webhooks: Arc::new(sqlite.webhook_endpoints()),
+                    deliveries: Arc::new(sqlite.delivery_queue(as_clock)),
                     clock,
                     heads,
                     backend,
@@ -100,6 +111,8 @@ impl Stores {
                     commands: Arc::new(pg.command_store(as_clock)),
                     queue: Arc::new(pg.command_queue()),
                     output: Arc::new(pg.output_store()),
+                    webhooks: Arc::new(pg.webhook_endpoints()),
+                    deliveries: Arc::new(pg.delivery_queue()),
                     clock,
                     heads,
                     backend,
@@ -243,6 +256,81 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Adds an endpoint and returns its id.
+    async fn webhook(
+        &self,
+        events: &[&str],
+        project: Option<ProjectId>,
+        enabled: bool,
+    ) -> WebhookId {
+        let now = self.clock.now();
+        let names: Vec<String> = events.iter().map(|e| (*e).to_owned()).collect();
+        let webhook = Webhook {
+            id: WebhookId::new(),
+            url: WebhookUrl::parse("http://127.0.0.1:9/hook", true).unwrap(),
+            events: EventFilter::parse(&names).unwrap(),
+            project_id: project,
+            description: String::new(),
+            secret: WebhookSecret::generate(&mut rand::rng()),
+            enabled,
+            disabled_reason: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = self.event(action::WEBHOOK_CREATED, webhook.id.to_string());
+        self.webhooks.insert(&webhook, event).await.unwrap();
+        webhook.id
+    }
+
+    /// An endpoint's deliveries, oldest first, as (event type, payload).
+    async fn delivered_events(&self, webhook: WebhookId) -> Vec<(String, serde_json::Value)> {
+        let mut page = self
+            .deliveries
+            .list(&DeliveryFilter {
+                webhook,
+                before: None,
+                limit: 500,
+            })
+            .await
+            .unwrap()
+            .items;
+        page.reverse();
+        page.into_iter()
+            .map(|d| (d.event_type, serde_json::from_str(&d.payload).unwrap()))
+            .collect()
+    }
+
+    fn claim_request(
+        &self,
+        limit: usize,
+        per_endpoint: usize,
+        skip: Vec<WebhookId>,
+    ) -> ClaimRequest {
+        ClaimRequest {
+            limit,
+            per_endpoint,
+            skip,
+            lease: LONG,
+        }
+    }
+
+    fn report(&self, due: &DueDelivery, code: Option<u16>, next: NextStep) -> AttemptReport {
+        AttemptReport {
+            delivery: due.delivery.id,
+            webhook: due.delivery.webhook_id,
+            attempt: Some(Attempt {
+                number: due.delivery.attempts + 1,
+                at: self.clock.now(),
+                status_code: code,
+                latency_ms: 7,
+                error: code.is_none().then(|| "connection refused".to_owned()),
+            }),
+            next,
+        }
+    }
+}
+
 fn chunk(seq: i64, data: &str) -> OutputChunk {
     OutputChunk {
         seq,
@@ -287,6 +375,12 @@ macro_rules! contract {
 }
 
 contract!(
+    command_events_write_deliveries_for_matching_endpoints_only,
+    due_deliveries_are_leased_retried_and_logged,
+    claims_bound_each_endpoint_and_skip_the_ones_asked,
+    gone_disables_the_endpoint_and_its_deliveries_wait,
+    redelivery_makes_a_finished_delivery_due_again,
+    a_report_after_its_endpoint_was_deleted_writes_nothing,
     claims_take_the_best_priority_across_projects,
     projects_with_a_backlog_share_the_workers,
     claims_respect_max_concurrency_and_finishes_free_the_slot,
@@ -659,5 +753,305 @@ async fn one_project_cannot_fill_the_shared_queue(s: Stores) {
     assert!(matches!(
         submit(quiet).await.unwrap(),
         SubmitOutcome::QueueFull { queued: 3 }
+    ));
+}
+
+async fn command_events_write_deliveries_for_matching_endpoints_only(s: Stores) {
+    let a = s.project("a", 5).await;
+    let b = s.project("b", 5).await;
+    let every = s.webhook(&["*"], None, true).await;
+    let a_failures = s.webhook(&["command.failed"], Some(a), true).await;
+    let off = s.webhook(&["*"], None, false).await;
+    let ok = s.submit(a, Priority::Normal, "ok").await;
+    let bad = s.submit(a, Priority::Normal, "bad").await;
+    let other = s.submit(b, Priority::Normal, "other").await;
+    assert_eq!(s.claim("r1", LONG, 3).await.len(), 3);
+    let results = s
+        .queue
+        .finish("r1", &[s.finished(ok, 0), s.finished(bad, 1)])
+        .await
+        .unwrap();
+    assert!(results.iter().all(Result::is_ok));
+    let cancelled = s.submit(b, Priority::Normal, "gone").await;
+    let event = s.event(action::COMMAND_CANCEL_REQUESTED, cancelled.to_string());
+    s.commands.request_cancel(cancelled, event).await.unwrap();
+    // A running command asked to cancel has not changed state yet: no event.
+    let event = s.event(action::COMMAND_CANCEL_REQUESTED, other.to_string());
+    s.commands.request_cancel(other, event).await.unwrap();
+
+    let seen = s.delivered_events(every).await;
+    let mut per_command: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (event_type, payload) in &seen {
+        assert_eq!(payload["type"], event_type.as_str());
+        assert!(payload["timestamp"].as_str().unwrap().contains('T'));
+        let status = payload["data"]["status"].as_str().unwrap();
+        assert_eq!(
+            event_type.as_str(),
+            format!(
+                "command.{}",
+                if status == "running" {
+                    "started"
+                } else {
+                    status
+                }
+            )
+        );
+        per_command
+            .entry(payload["data"]["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(event_type.clone());
+    }
+    let events = |id: CommandId| {
+        per_command
+            .get(&id.to_string())
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        events(ok),
+        ["command.queued", "command.started", "command.succeeded"]
+    );
+    assert_eq!(
+        events(bad),
+        ["command.queued", "command.started", "command.failed"]
+    );
+    assert_eq!(events(other), ["command.queued", "command.started"]);
+    assert_eq!(events(cancelled), ["command.queued", "command.cancelled"]);
+
+    let only_failures = s.delivered_events(a_failures).await;
+    assert_eq!(only_failures.len(), 1, "{only_failures:?}");
+    assert_eq!(only_failures[0].1["data"]["id"], bad.to_string());
+    assert_eq!(only_failures[0].1["data"]["exit_code"], 1);
+    assert!(
+        s.delivered_events(off).await.is_empty(),
+        "a disabled endpoint gets nothing"
+    );
+}
+
+async fn due_deliveries_are_leased_retried_and_logged(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "c").await;
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 10, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let due = &claimed[0];
+    assert_eq!(due.delivery.attempts, 0);
+    assert_eq!(due.url.as_str(), "http://127.0.0.1:9/hook");
+    assert!(
+        s.deliveries
+            .claim_due(&s.claim_request(10, 10, vec![]))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a leased delivery is not claimed twice"
+    );
+    let retry_at = s.clock.now() - time::Duration::hours(1);
+    s.deliveries
+        .report(&[s.report(due, Some(500), NextStep::RetryAt(retry_at))])
+        .await
+        .unwrap();
+    let again = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 10, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "due again after the retry time");
+    assert_eq!(again[0].delivery.attempts, 1);
+    assert_eq!(again[0].delivery.last_status_code, Some(500));
+    s.deliveries
+        .report(&[s.report(&again[0], Some(204), NextStep::Delivered)])
+        .await
+        .unwrap();
+    let done = s.deliveries.get(hook, due.delivery.id).await.unwrap();
+    assert_eq!(done.status, DeliveryStatus::Delivered);
+    assert_eq!(done.attempts, 2);
+    assert!(done.delivered_at.is_some());
+    let log = s.deliveries.attempts(due.delivery.id).await.unwrap();
+    assert_eq!(
+        log.iter()
+            .map(|a| (a.number, a.status_code))
+            .collect::<Vec<_>>(),
+        [(1, Some(500)), (2, Some(204))]
+    );
+    assert!(
+        s.deliveries
+            .claim_due(&s.claim_request(10, 10, vec![]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A dispatcher that dies gives its claim back when the lease runs out.
+    s.submit(p, Priority::Normal, "d").await;
+    let mut short = s.claim_request(10, 10, vec![]);
+    short.lease = Duration::ZERO;
+    assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
+    assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
+}
+
+async fn claims_bound_each_endpoint_and_skip_the_ones_asked(s: Stores) {
+    let p = s.project("p", 5).await;
+    let first = s.webhook(&["command.queued"], None, true).await;
+    let second = s.webhook(&["command.queued"], None, true).await;
+    for n in 0..3 {
+        s.submit(p, Priority::Normal, &format!("c{n}")).await;
+    }
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 2, vec![first]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|d| d.delivery.webhook_id == second));
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(1, 2, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "the overall limit holds");
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 2, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+}
+
+async fn gone_disables_the_endpoint_and_its_deliveries_wait(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "a").await;
+    s.submit(p, Priority::Normal, "b").await;
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(1, 1, vec![]))
+        .await
+        .unwrap();
+    let audit = Box::new(s.event(action::WEBHOOK_DISABLED, hook.to_string()));
+    let next = NextStep::DisableEndpoint {
+        reason: "410 Gone".into(),
+        audit,
+    };
+    s.deliveries
+        .report(&[s.report(&claimed[0], Some(410), next)])
+        .await
+        .unwrap();
+    let webhook = s.webhooks.get(hook).await.unwrap();
+    assert!(!webhook.enabled);
+    assert_eq!(webhook.disabled_reason.as_deref(), Some("410 Gone"));
+    let failed = s
+        .deliveries
+        .get(hook, claimed[0].delivery.id)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, DeliveryStatus::Failed);
+    assert!(
+        s.deliveries
+            .claim_due(&s.claim_request(10, 10, vec![]))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a disabled endpoint's deliveries wait"
+    );
+    s.submit(p, Priority::Normal, "c").await;
+    assert_eq!(
+        s.delivered_events(hook).await.len(),
+        2,
+        "and it gets no new ones"
+    );
+    let audit = s
+        .audit
+        .list(&AuditFilter {
+            action: Some(action::WEBHOOK_DISABLED.into()),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.items.len(), 1);
+}
+
+async fn redelivery_makes_a_finished_delivery_due_again(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "a").await;
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(1, 1, vec![]))
+        .await
+        .unwrap();
+    s.deliveries
+        .report(&[s.report(&claimed[0], None, NextStep::Failed)])
+        .await
+        .unwrap();
+    assert!(
+        s.deliveries
+            .claim_due(&s.claim_request(1, 1, vec![]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = s
+        .deliveries
+        .redeliver(hook, claimed[0].delivery.id)
+        .await
+        .unwrap();
+    assert_eq!(again.status, DeliveryStatus::Pending);
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(1, 1, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        claimed[0].delivery.attempts, 1,
+        "attempts continue from the first run"
+    );
+    assert!(matches!(
+        s.deliveries
+            .redeliver(WebhookId::new(), claimed[0].delivery.id)
+            .await,
+        Err(PortError::NotFound)
+    ));
+}
+
+async fn a_report_after_its_endpoint_was_deleted_writes_nothing(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    let kept = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "a").await;
+    let claimed = s
+        .deliveries
+        .claim_due(&s.claim_request(10, 10, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let event = s.event(action::WEBHOOK_DELETED, hook.to_string());
+    s.webhooks.delete(hook, event).await.unwrap();
+    let reports: Vec<AttemptReport> = claimed
+        .iter()
+        .map(|due| s.report(due, Some(204), NextStep::Delivered))
+        .collect();
+    s.deliveries.report(&reports).await.unwrap();
+    let kept_delivery = claimed
+        .iter()
+        .find(|d| d.delivery.webhook_id == kept)
+        .unwrap();
+    assert_eq!(
+        s.deliveries
+            .get(kept, kept_delivery.delivery.id)
+            .await
+            .unwrap()
+            .status,
+        DeliveryStatus::Delivered,
+        "the other endpoint's report still landed"
+    );
+    assert!(matches!(
+        s.webhooks.get(hook).await,
+        Err(PortError::NotFound)
     ));
 }

@@ -22,7 +22,7 @@ struct Args {
     /// Runs of each measurement (the table shows the median with min and max).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Only these scenarios (comma-separated names: http, queue, latency, sse, output, kube, ratelimit).
+    /// Only these scenarios (comma-separated names: http, queue, latency, sse, output, kube, ratelimit, webhooks).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Postgres to create scratch databases in.

@@ -15,6 +15,7 @@ mod output;
 mod queue;
 mod ratelimit;
 mod sse;
+mod webhooks;
 
 pub type Run = for<'a> fn(&'a Ctx) -> Pin<Box<dyn Future<Output = Result<Vec<Row>>> + 'a>>;
 
@@ -32,4 +33,5 @@ pub const ALL: &[Scenario] = &[
     output::SCENARIO,
     kube::SCENARIO,
     ratelimit::SCENARIO,
+    webhooks::SCENARIO,
 ];

@@ -15,6 +15,7 @@ pub mod problem;
 pub mod projects;
 pub mod serve;
 pub mod trace_context;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,7 @@ use crate::services::follow::FollowService;
 use crate::services::pods::PodService;
 use crate::services::projects::ProjectService;
 use crate::services::rate_limits::RequestLimits;
+use crate::services::webhooks::WebhookService;
 
 pub use extract::ClientIpResolver;
 
@@ -78,6 +80,7 @@ pub struct Services {
     pub audit: Arc<AuditService>,
     pub commands: Arc<CommandService>,
     pub follow: Arc<FollowService>,
+    pub webhooks: Arc<WebhookService>,
     pub pods: Arc<PodService>,
     /// Each authenticated request counts once against its key's rate limit.
     pub limits: Arc<RequestLimits>,
@@ -132,7 +135,8 @@ pub fn router(state: AppState) -> Router {
                 .merge(projects::routes())
                 .merge(pods::routes())
                 .merge(commands::routes())
-                .merge(audit::routes()),
+                .merge(audit::routes())
+                .merge(webhooks::routes()),
         )
         .merge(ops::routes())
         .split_for_parts();

@@ -7,12 +7,14 @@
 pub mod api_keys;
 pub mod audit;
 pub mod commands;
+pub mod deliveries;
 pub mod notify;
 pub mod output;
 pub mod projects;
 pub mod queue;
 pub mod rate_limit;
 pub mod secrets;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +24,14 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 pub use api_keys::PgApiKeyRepository;
 pub use audit::PgAuditLog;
 pub use commands::PgCommandStore;
+pub use deliveries::PgDeliveryQueue;
 pub use notify::PgRelay;
 pub use output::PgOutputStore;
 pub use projects::PgProjectRepository;
 pub use queue::PgCommandQueue;
 pub use rate_limit::PgRateLimiter;
 pub use secrets::PgSharedSecrets;
+pub use webhooks::PgWebhookEndpoints;
 
 use crate::adapters::sql::{Sealing, StoreError};
 use crate::ports::Clock;
@@ -90,6 +94,14 @@ impl PgDatabase {
     /// The rate limiter on the database clock, or on `clock` when one is given (tests).
     pub fn rate_limiter(&self, clock: Option<Arc<dyn Clock>>) -> PgRateLimiter {
         PgRateLimiter::new(self.pool.clone(), clock)
+    }
+
+    pub fn webhook_endpoints(&self) -> PgWebhookEndpoints {
+        PgWebhookEndpoints::new(self.pool.clone(), self.sealing.clone())
+    }
+
+    pub fn delivery_queue(&self) -> PgDeliveryQueue {
+        PgDeliveryQueue::new(self.pool.clone(), self.sealing.clone())
     }
 
     pub fn shared_secrets(&self) -> PgSharedSecrets {

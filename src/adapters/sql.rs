@@ -24,6 +24,10 @@ use crate::domain::project::{
     ProjectName, Workdir,
 };
 use crate::domain::rate_limit::RateLimit;
+use crate::domain::webhook::{
+    Attempt, Delivery, DeliveryId, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret,
+    WebhookUrl,
+};
 use crate::ports::{AuditHeads, Page, PortError, ProjectLoad, QueueSummary};
 
 pub const KEY_COLUMNS: &str = "id, name, prefix, secret_hash, scopes, project_ids, rate_limit, \
@@ -624,4 +628,185 @@ where
             return Ok(verifier.finish());
         }
     }
+}
+
+pub const WEBHOOK_COLUMNS: &str = "id, url, events, project_id, description, secret, enabled, disabled_reason, created_at, updated_at";
+pub const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, payload, status, attempts, \
+    next_attempt_at, last_status_code, last_latency_ms, last_error, created_at, delivered_at";
+
+pub fn webhook_from_row(row: &impl Cells) -> Result<Webhook, PortError> {
+    Ok(Webhook {
+        id: WebhookId::from_uuid(row.uuid("id")?),
+        url: WebhookUrl::from_trusted(row.text("url")?),
+        events: EventFilter::from_stored(&row.text("events")?)
+            .map_err(|e| corrupt("event filter", e))?,
+        project_id: row.opt_uuid("project_id")?.map(ProjectId::from_uuid),
+        description: row.text("description")?,
+        secret: WebhookSecret::parse(row.text("secret")?).map_err(|e| corrupt("secret", e))?,
+        enabled: row.flag("enabled")?,
+        disabled_reason: row.opt_text("disabled_reason")?,
+        created_at: row.time("created_at")?,
+        updated_at: row.time("updated_at")?,
+    })
+}
+
+pub fn delivery_from_row(row: &impl Cells) -> Result<Delivery, PortError> {
+    Ok(Delivery {
+        id: DeliveryId::from_uuid(row.uuid("id")?),
+        webhook_id: WebhookId::from_uuid(row.uuid("webhook_id")?),
+        event_type: row.text("event_type")?,
+        payload: row.text("payload")?,
+        status: DeliveryStatus::parse(&row.text("status")?)
+            .map_err(|e| corrupt("delivery status", e))?,
+        attempts: u32::try_from(row.int("attempts")?).map_err(|e| corrupt("attempts", e))?,
+        next_attempt_at: row.opt_time("next_attempt_at")?,
+        last_status_code: row.opt_int("last_status_code")?.map(|c| c as u16),
+        last_latency_ms: row.opt_int("last_latency_ms")?.map(|l| l.max(0) as u64),
+        last_error: row.opt_text("last_error")?,
+        created_at: row.time("created_at")?,
+        delivered_at: row.opt_time("delivered_at")?,
+    })
+}
+
+pub fn attempt_from_row(row: &impl Cells) -> Result<Attempt, PortError> {
+    Ok(Attempt {
+        number: u32::try_from(row.int("attempt")?).map_err(|e| corrupt("attempt", e))?,
+        at: row.time("at")?,
+        status_code: row.opt_int("status_code")?.map(|c| c as u16),
+        latency_ms: row.int("latency_ms")?.max(0) as u64,
+        error: row.opt_text("error")?,
+    })
+}
+
+pub const WEBHOOK_TAKEN: &str = "a webhook with this id";
+
+/// `INSERT INTO webhooks (...) VALUES (...)` for a new endpoint.
+pub fn webhook_insert<'a, DB>(webhook: &'a Webhook) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<Uuid>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    OffsetDateTime: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut insert = sqlx::QueryBuilder::new(format!("INSERT INTO webhooks ({WEBHOOK_COLUMNS}) "));
+    insert.push_values([webhook], |mut row, w| {
+        row.push_bind(w.id.as_uuid())
+            .push_bind(w.url.as_str())
+            .push_bind(w.events.to_stored())
+            .push_bind(w.project_id.map(|p| p.as_uuid()))
+            .push_bind(w.description.as_str())
+            .push_bind(w.secret.expose())
+            .push_bind(w.enabled)
+            .push_bind(w.disabled_reason.as_deref())
+            .push_bind(w.created_at)
+            .push_bind(w.updated_at);
+    });
+    insert
+}
+
+/// `UPDATE webhooks SET ... WHERE id = ...` with every mutable field of `webhook`.
+pub fn webhook_update<'a, DB>(webhook: &'a Webhook) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<Uuid>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    OffsetDateTime: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut update = sqlx::QueryBuilder::new("UPDATE webhooks SET url = ");
+    update
+        .push_bind(webhook.url.as_str())
+        .push(", events = ")
+        .push_bind(webhook.events.to_stored())
+        .push(", project_id = ")
+        .push_bind(webhook.project_id.map(|p| p.as_uuid()))
+        .push(", description = ")
+        .push_bind(webhook.description.as_str())
+        .push(", secret = ")
+        .push_bind(webhook.secret.expose())
+        .push(", enabled = ")
+        .push_bind(webhook.enabled)
+        .push(", disabled_reason = ")
+        .push_bind(webhook.disabled_reason.as_deref())
+        .push(", updated_at = ")
+        .push_bind(webhook.updated_at)
+        .push(" WHERE id = ")
+        .push_bind(webhook.id.as_uuid());
+    update
+}
+
+/// The SQL dialect an outbox statement is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// A JSON string of a timestamp column (RFC 3339).
+    fn time_json(self, column: &str) -> String {
+        match self {
+            Dialect::Postgres => {
+                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            }
+            // sqlx stores times on SQLite as RFC 3339 text already.
+            Dialect::Sqlite => column.to_owned(),
+        }
+    }
+
+    /// The canonical text of a UUID column.
+    fn uuid_text(self, column: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("{column}::text"),
+            Dialect::Sqlite => format!(
+                "lower(substr(hex({column}), 1, 8) || '-' || substr(hex({column}), 9, 4) || '-' || \
+                 substr(hex({column}), 13, 4) || '-' || substr(hex({column}), 17, 4) || '-' || \
+                 substr(hex({column}), 21))"
+            ),
+        }
+    }
+}
+
+/// The outbox write: one `INSERT ... SELECT` that turns the command rows of `source` (a table
+/// expression with the command columns, each row a command just moved to its new status) into a
+/// pending delivery for every enabled endpoint whose project and event filters match. With no
+/// endpoint it inserts nothing. `now` is an SQL expression for the creation time. The event of a
+/// row is its status (`running` is `command.started`); the body, `{type, timestamp, data}`, is
+/// built here, so it is fixed at the moment of the change.
+pub fn outbox_insert(dialect: Dialect, source: &str, now: &str) -> String {
+    let (json, new_id, payload_cast) = match dialect {
+        Dialect::Postgres => ("json_build_object", "gen_random_uuid()", "::text"),
+        Dialect::Sqlite => ("json_object", "randomblob(16)", ""),
+    };
+    let t = |column: &str| dialect.time_json(column);
+    let data = format!(
+        "{json}('id', {id}, 'project_id', {project}, 'status', e.status, 'exit_code', e.exit_code, \
+         'termination_reason', e.termination_reason, 'error', e.error, 'created_at', {created}, \
+         'started_at', {started}, 'finished_at', {finished})",
+        id = dialect.uuid_text("e.id"),
+        project = dialect.uuid_text("e.project_id"),
+        created = t("e.created_at"),
+        started = t("e.started_at"),
+        finished = t("e.finished_at"),
+    );
+    let payload = format!(
+        "{json}('type', e.event_type, 'timestamp', {at}, 'data', {data}){payload_cast}",
+        at = t("COALESCE(e.finished_at, e.started_at, e.created_at)"),
+    );
+    format!(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, \
+         next_attempt_at, created_at) \
+         SELECT {new_id}, w.id, e.event_type, {payload}, 'pending', 0, {now}, {now} \
+         FROM (SELECT c.*, 'command.' || CASE c.status WHEN 'running' THEN 'started' ELSE c.status END \
+               AS event_type FROM {source} c) e \
+         JOIN webhooks w ON w.enabled AND (w.project_id IS NULL OR w.project_id = e.project_id) \
+          AND (w.events = '*' OR ',' || w.events || ',' LIKE '%,' || e.event_type || ',%')"
+    )
 }

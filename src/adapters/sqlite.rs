@@ -8,10 +8,12 @@
 pub mod api_keys;
 pub mod audit;
 pub mod commands;
+pub mod deliveries;
 pub mod output;
 pub mod projects;
 pub mod queue;
 pub mod secrets;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -25,10 +27,12 @@ use sqlx::{Sqlite, Transaction};
 pub use api_keys::SqliteApiKeyRepository;
 pub use audit::SqliteAuditLog;
 pub use commands::SqliteCommandStore;
+pub use deliveries::SqliteDeliveryQueue;
 pub use output::SqliteOutputStore;
 pub use projects::SqliteProjectRepository;
 pub use queue::SqliteCommandQueue;
 pub use secrets::SqliteSharedSecrets;
+pub use webhooks::SqliteWebhookEndpoints;
 
 use super::sql::{Sealing, StoreError, db};
 use crate::ports::{Clock, PortError};
@@ -132,6 +136,14 @@ impl SqliteDatabase {
 
     pub fn output_store(&self) -> SqliteOutputStore {
         SqliteOutputStore::new(self.clone())
+    }
+
+    pub fn webhook_endpoints(&self) -> SqliteWebhookEndpoints {
+        SqliteWebhookEndpoints::new(self.clone(), self.sealing.clone())
+    }
+
+    pub fn delivery_queue(&self, clock: Arc<dyn Clock>) -> SqliteDeliveryQueue {
+        SqliteDeliveryQueue::new(self.clone(), clock, self.sealing.clone())
     }
 
     pub fn shared_secrets(&self) -> SqliteSharedSecrets {

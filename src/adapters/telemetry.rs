@@ -24,7 +24,7 @@ use async_trait::async_trait;
 
 use crate::ports::{
     AuditHeads, CacheMetrics, CircuitMetrics, CircuitState, CommandMetrics, ConnectionMetrics,
-    CpuProfiler, HeapProfiler, HttpRouteMetrics, OperatorMetrics, PortError,
+    CpuProfiler, HeapProfiler, HttpRouteMetrics, OperatorMetrics, PortError, WebhookMetrics,
 };
 
 /// Where spans go: an OTLP/HTTP collector, with the resource and sampler the standard
@@ -161,6 +161,9 @@ pub struct Metrics {
     rate_limit_rejections: IntCounterVec,
     circuit_state: IntGaugeVec,
     cache_requests: IntCounterVec,
+    webhook_deliveries: IntCounterVec,
+    webhook_latency: HistogramVec,
+    webhook_circuits: IntGaugeVec,
 }
 
 impl Metrics {
@@ -256,6 +259,33 @@ impl Metrics {
             &["limiter"],
         )?;
         registry.register(Box::new(rate_limit_rejections.clone()))?;
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "webhook_deliveries_total",
+                "Webhook delivery attempts by outcome: delivered, retry, failed, gone, refused, circuit_open",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(webhook_deliveries.clone()))?;
+        let webhook_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "webhook_delivery_duration_seconds",
+                "Webhook attempt latency, request sent to answer read, by outcome",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(webhook_latency.clone()))?;
+        let webhook_circuits = IntGaugeVec::new(
+            Opts::new(
+                "webhook_circuit_breakers",
+                "Webhook endpoints this replica has sent to, by circuit breaker state",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(webhook_circuits.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -276,7 +306,27 @@ impl Metrics {
             rate_limit_rejections,
             circuit_state,
             cache_requests,
+            webhook_deliveries,
+            webhook_latency,
+            webhook_circuits,
         })
+    }
+}
+
+impl WebhookMetrics for Metrics {
+    fn webhook_attempt(&self, outcome: &'static str, latency: Duration) {
+        self.webhook_deliveries.with_label_values(&[outcome]).inc();
+        self.webhook_latency
+            .with_label_values(&[outcome])
+            .observe(latency.as_secs_f64());
+    }
+
+    fn webhook_circuits(&self, closed: u64, open: u64, half_open: u64) {
+        for (state, count) in [("closed", closed), ("open", open), ("half_open", half_open)] {
+            self.webhook_circuits
+                .with_label_values(&[state])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 }
 

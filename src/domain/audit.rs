@@ -395,6 +395,12 @@ pub mod action {
     pub const COMMAND_CANCEL_REQUESTED: &str = "command.cancel_requested";
     pub const COMMAND_FINISHED: &str = "command.finished";
     pub const POD_RESTARTED: &str = "pod.restarted";
+    pub const WEBHOOK_CREATED: &str = "webhook.created";
+    pub const WEBHOOK_UPDATED: &str = "webhook.updated";
+    pub const WEBHOOK_DELETED: &str = "webhook.deleted";
+    pub const WEBHOOK_ROTATED: &str = "webhook.rotated";
+    /// The server disabled an endpoint that answered `410 Gone`.
+    pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
 }
 
 #[cfg(test)]

@@ -48,6 +48,14 @@ pub trait CircuitMetrics: Send + Sync {
     fn circuit_state(&self, target: &'static str, state: CircuitState);
 }
 
+/// Webhook delivery counters and the state of the per-endpoint circuit breakers.
+pub trait WebhookMetrics: Send + Sync {
+    /// One attempt ended; `outcome` is `delivered`, `retry`, `failed`, `gone` or `refused`.
+    fn webhook_attempt(&self, outcome: &'static str, latency: Duration);
+    /// How many endpoint breakers are in each state.
+    fn webhook_circuits(&self, closed: u64, open: u64, half_open: u64);
+}
+
 /// What operators scrape: request counters, queue depth, and the exposition text.
 pub trait OperatorMetrics: Send + Sync {
     /// The request metrics of one route template and method; callers keep the handle.

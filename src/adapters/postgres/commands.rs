@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use super::audit;
 use crate::adapters::sql::{
-    COMMAND_COLUMNS, Sealing, command_from_row, db, page, queue_summary, translate,
+    COMMAND_COLUMNS, Dialect, Sealing, command_from_row, db, outbox_insert, page, queue_summary,
+    translate,
 };
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::command::Command;
@@ -74,13 +75,16 @@ impl CommandStore for PgCommandStore {
                     .map(SubmitOutcome::Existing);
             }
         }
-        // The queue limits are checked by the insert itself: one round trip on the submit path.
-        let inserted = sqlx::query(
-            "INSERT INTO commands (id, project_id, command, env, priority, timeout_secs, status, \
-             submitted_by, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+        // The queue limits are checked by the insert itself, and the webhook outbox is written
+        // by the same statement: one round trip on the submit path.
+        let inserted: i64 = sqlx::query_scalar(&format!(
+            "WITH ins AS (INSERT INTO commands (id, project_id, command, env, priority, timeout_secs, \
+             status, submitted_by, created_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
              WHERE (SELECT COUNT(*) FROM commands WHERE status = 'queued') < $10 \
-               AND (SELECT COUNT(*) FROM commands WHERE status = 'queued' AND project_id = $2) < $11",
-        )
+               AND (SELECT COUNT(*) FROM commands WHERE status = 'queued' AND project_id = $2) < $11 \
+             RETURNING *), hooks AS ({}) SELECT COUNT(*) FROM ins",
+            outbox_insert(Dialect::Postgres, "ins", "clock_timestamp()")
+        ))
         .bind(command.id.as_uuid())
         .bind(command.project_id.as_uuid())
         .bind(command.command.as_str())
@@ -92,10 +96,10 @@ impl CommandStore for PgCommandStore {
         .bind(command.created_at)
         .bind(i64::try_from(max_queued).unwrap_or(i64::MAX))
         .bind(i64::try_from(max_queued_per_project).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(|e| translate(e, "a command with this id"))?;
-        if inserted.rows_affected() == 0 {
+        if inserted == 0 {
             let (queued, in_project): (i64, i64) = sqlx::query_as(
                 "SELECT COUNT(*), COUNT(*) FILTER (WHERE project_id = $1) FROM commands \
                  WHERE status = 'queued'",
@@ -204,12 +208,18 @@ impl CommandStore for PgCommandStore {
     ) -> Result<Command, PortError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let row = sqlx::query(&format!(
-            "UPDATE commands SET \
+            "WITH changed AS (UPDATE commands SET \
                status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, \
                termination_reason = CASE WHEN status = 'queued' THEN 'cancel' ELSE termination_reason END, \
                finished_at = CASE WHEN status = 'queued' THEN $2 ELSE finished_at END, \
                cancel_requested = (status = 'running') \
-             WHERE id = $1 AND status IN ('queued', 'running') RETURNING {COMMAND_COLUMNS}"
+             WHERE id = $1 AND status IN ('queued', 'running') RETURNING {COMMAND_COLUMNS}), \
+             hooks AS ({}) SELECT * FROM changed",
+            outbox_insert(
+                Dialect::Postgres,
+                "(SELECT * FROM changed WHERE status = 'cancelled')",
+                "clock_timestamp()"
+            )
         ))
         .bind(id.as_uuid())
         .bind(self.clock.now())

@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::audit;
 use crate::adapters::sql::{
-    COMMAND_COLUMNS, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits, slots_per_project,
+    COMMAND_COLUMNS, Dialect, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits,
+    outbox_insert, slots_per_project,
 };
 use crate::domain::audit::AuditContext;
 use crate::domain::command::{Command, CommandStatus};
@@ -101,12 +102,15 @@ impl CommandQueue for PgCommandQueue {
                  UPDATE projects p SET running_commands = p.running_commands + n.taken \
                  FROM (SELECT project_id, COUNT(*) AS taken FROM picked GROUP BY project_id) n \
                  WHERE p.id = n.project_id \
-             ) \
-             UPDATE commands c SET status = 'running', started_at = clock_timestamp(), \
-                 lease_owner = $2, lease_expires_at = clock_timestamp() + make_interval(secs => $3::double precision / 1e6) \
-             FROM picked WHERE c.id = picked.id \
-             RETURNING {}, c.lease_expires_at AS lease_until, picked.claim_order",
-            command_columns_of("c")
+             ), claimed AS ( \
+                 UPDATE commands c SET status = 'running', started_at = clock_timestamp(), \
+                     lease_owner = $2, lease_expires_at = clock_timestamp() + make_interval(secs => $3::double precision / 1e6) \
+                 FROM picked WHERE c.id = picked.id \
+                 RETURNING {}, c.lease_expires_at AS lease_until, picked.claim_order \
+             ), hooks AS ({}) \
+             SELECT * FROM claimed",
+            command_columns_of("c"),
+            outbox_insert(Dialect::Postgres, "claimed", "clock_timestamp()")
         ))
         .bind(limit as i64)
         .bind(owner)
@@ -205,11 +209,12 @@ impl CommandQueue for PgCommandQueue {
     async fn expire_leases(&self, context: &AuditContext) -> Result<Vec<Command>, PortError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let rows = sqlx::query(&format!(
-            "UPDATE commands SET status = 'lost', termination_reason = 'lost', \
+            "WITH changed AS (UPDATE commands SET status = 'lost', termination_reason = 'lost', \
              finished_at = date_trunc('microseconds', clock_timestamp()), error = $1, \
              lease_owner = NULL, lease_expires_at = NULL \
              WHERE status = 'running' AND lease_expires_at < clock_timestamp() \
-             RETURNING {COMMAND_COLUMNS}"
+             RETURNING {COMMAND_COLUMNS}), hooks AS ({}) SELECT * FROM changed",
+            outbox_insert(Dialect::Postgres, "changed", "clock_timestamp()")
         ))
         .bind(LOST_MESSAGE)
         .fetch_all(&mut *tx)
@@ -243,7 +248,7 @@ async fn mark_finished(
     }
     let column = |f: fn(&Finished) -> i64| batch.iter().map(|i| f(i)).collect::<Vec<_>>();
     let rows = sqlx::query(&format!(
-        "UPDATE commands c SET status = v.status, exit_code = v.exit_code, \
+        "WITH changed AS (UPDATE commands c SET status = v.status, exit_code = v.exit_code, \
          termination_reason = v.reason, error = v.error, finished_at = v.finished_at, \
          stdout_bytes = v.stdout_bytes, stderr_bytes = v.stderr_bytes, \
          dropped_bytes = v.dropped_bytes, truncated = v.truncated, last_seq = v.last_seq, \
@@ -252,8 +257,10 @@ async fn mark_finished(
                      $6::timestamptz[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bool[], $11::bigint[]) \
               AS v(id, status, exit_code, reason, error, finished_at, stdout_bytes, stderr_bytes, \
                    dropped_bytes, truncated, last_seq) \
-         WHERE c.id = v.id AND c.status = 'running' AND c.lease_owner = $12 RETURNING {}",
-        command_columns_of("c")
+         WHERE c.id = v.id AND c.status = 'running' AND c.lease_owner = $12 RETURNING {}), \
+         hooks AS ({}) SELECT * FROM changed",
+        command_columns_of("c"),
+        outbox_insert(Dialect::Postgres, "changed", "clock_timestamp()")
     ))
     .bind(batch.iter().map(|i| i.id.as_uuid()).collect::<Vec<_>>())
     .bind(batch.iter().map(|i| i.outcome.status.as_str()).collect::<Vec<_>>())

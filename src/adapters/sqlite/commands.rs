@@ -7,12 +7,12 @@ use async_trait::async_trait;
 use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
-use super::{SqliteDatabase, audit};
+use super::{SqliteDatabase, audit, deliveries};
 use crate::adapters::sql::{
     COMMAND_COLUMNS, Sealing, command_from_row, db, page, queue_summary, translate,
 };
 use crate::domain::audit::NewAuditEvent;
-use crate::domain::command::Command;
+use crate::domain::command::{Command, CommandStatus};
 use crate::domain::ids::{CommandId, ProjectId};
 use crate::ports::{
     Clock, CommandFilter, CommandStore, Page, PortError, QueueSummary, Submission, SubmitOutcome,
@@ -104,6 +104,7 @@ impl CommandStore for SqliteCommandStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| translate(e, "a command with this id"))?;
+        deliveries::write_outbox(&mut tx, &[command.id], self.clock.now()).await?;
         if let Some(idem) = &idempotency {
             sqlx::query(
                 "INSERT INTO idempotency_keys (api_key_id, key, request_hash, command_id, created_at) \
@@ -226,6 +227,9 @@ impl CommandStore for SqliteCommandStore {
             return Err(PortError::AlreadyEnded(command.status));
         };
         let command = command_from_row(&row)?;
+        if command.status == CommandStatus::Cancelled {
+            deliveries::write_outbox(&mut tx, &[command.id], self.clock.now()).await?;
+        }
         let head = audit::append(&mut tx, &[event], &self.sealing.key).await?;
         self.sealing.commit(tx, head).await?;
         Ok(command)

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
-use super::{SqliteDatabase, audit};
+use super::{SqliteDatabase, audit, deliveries};
 use crate::adapters::sql::{
     COMMAND_COLUMNS, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits, slots_per_project,
 };
@@ -90,6 +90,8 @@ impl CommandQueue for SqliteCommandQueue {
                 lease_until,
             });
         }
+        let started: Vec<CommandId> = claimed.iter().map(|c| c.command.id).collect();
+        deliveries::write_outbox(&mut tx, &started, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(claimed)
     }
@@ -171,6 +173,8 @@ impl CommandQueue for SqliteCommandQueue {
             }
         }
         free_slots(&mut tx, &ended).await?;
+        let ids: Vec<CommandId> = ended.iter().map(|c| c.id).collect();
+        deliveries::write_outbox(&mut tx, &ids, self.clock.now()).await?;
         let head = audit::append(&mut tx, &events, &self.sealing.key).await?;
         self.sealing.commit(tx, head).await?;
         Ok(results)
@@ -195,6 +199,8 @@ impl CommandQueue for SqliteCommandQueue {
             .map(command_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         free_slots(&mut tx, &lost).await?;
+        let ids: Vec<CommandId> = lost.iter().map(|c| c.id).collect();
+        deliveries::write_outbox(&mut tx, &ids, now).await?;
         let head = audit::append(
             &mut tx,
             &lost_audits(context, now, &lost),

@@ -1,0 +1,252 @@
+//! Scenario 8: webhook deliveries/s on Postgres. rdev-api's dispatcher (claim with `SKIP
+//! LOCKED` under a lease, sign, send through the SSRF-guarded reqwest client's per-endpoint bound
+//! and breaker, report each attempt in batches) drains N pending deliveries to a minimal axum
+//! receiver in this process; the anchor is a plain reqwest loop posting the same signed payloads
+//! to the same receiver with the same concurrency, with no database at all.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdev_api::adapters::postgres::PgDatabase;
+use rdev_api::adapters::sql::Sealing;
+use rdev_api::adapters::telemetry::Metrics;
+use rdev_api::adapters::webhook::{HttpWebhookSender, SenderSettings};
+use rdev_api::domain::audit::{AuditContext, AuditKey, NewAuditEvent, action};
+use rdev_api::domain::webhook::{
+    DeliveryId, EventFilter, RetrySchedule, Webhook, WebhookId, WebhookSecret, WebhookUrl,
+};
+use rdev_api::ports::clock::SystemClock;
+use rdev_api::ports::{Clock, WebhookEndpoints};
+use rdev_api::resilience::BreakerSettings;
+use rdev_api::services::dispatcher::{Dispatcher, DispatcherPorts, DispatcherSettings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::Scenario;
+use crate::harness::{Ctx, PgDb, Row, Spread};
+
+pub const SCENARIO: Scenario = Scenario {
+    name: "webhooks",
+    about: "webhook deliveries/s from the Postgres outbox vs a plain reqwest loop, same receiver",
+    run: |ctx| Box::pin(run(ctx)),
+};
+
+/// Requests in flight, for both sides.
+const CONCURRENCY: usize = 64;
+
+/// A body the size of a command event.
+const PAYLOAD: &str = r#"{"type":"command.succeeded","timestamp":"2026-11-26T01:00:00.000000Z","data":{"id":"0193a3c4-0000-7000-8000-000000000000","project_id":"0193a3c4-0000-7000-8000-000000000001","status":"succeeded","exit_code":0,"termination_reason":"exit","error":null,"created_at":"2026-11-26T00:59:59.000000Z","started_at":"2026-11-26T00:59:59.500000Z","finished_at":"2026-11-26T01:00:00.000000Z"}}"#;
+
+/// A receiver that counts requests and answers 204: as little work as a receiver can do.
+async fn receiver() -> Result<(String, Arc<AtomicU64>, tokio::task::JoinHandle<()>)> {
+    let count = Arc::new(AtomicU64::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let counter = count.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |_body: bytes::Bytes| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, count, task))
+}
+
+async fn dispatcher_per_sec(ctx: &Ctx, url: &str, received: &AtomicU64, n: u64) -> Result<f64> {
+    let db = PgDb::create(&ctx.admin_db_url).await?;
+    let metrics = Arc::new(Metrics::new()?);
+    let sealing = Arc::new(Sealing {
+        key: AuditKey::new(b"bench".to_vec()),
+        heads: metrics.clone(),
+    });
+    let store = PgDatabase::connect(&db.url, 16, sealing).await?;
+    let now = SystemClock.now();
+    let webhook = Webhook {
+        id: WebhookId::new(),
+        url: WebhookUrl::parse(url, true).map_err(|e| anyhow::anyhow!("{e}"))?,
+        events: EventFilter::All,
+        project_id: None,
+        description: String::new(),
+        secret: WebhookSecret::generate(&mut rand::rng()),
+        enabled: true,
+        disabled_reason: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let audit = NewAuditEvent::new(
+        &AuditContext::system(),
+        now,
+        action::WEBHOOK_CREATED,
+        ("webhook", webhook.id.to_string()),
+        serde_json::json!({}),
+    );
+    store.webhook_endpoints().insert(&webhook, audit).await?;
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, \
+         next_attempt_at, created_at) \
+         SELECT gen_random_uuid(), $1, 'command.succeeded', $2, 'pending', 0, now(), now() \
+         FROM generate_series(1, $3)",
+    )
+    .bind(webhook.id.as_uuid())
+    .bind(PAYLOAD)
+    .bind(n as i64)
+    .execute(&pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE webhook_deliveries")
+        .execute(&pool)
+        .await?;
+
+    let sender = HttpWebhookSender::new(SenderSettings {
+        connect_timeout: Duration::from_secs(3),
+        timeout: Duration::from_secs(10),
+        allow_private: true,
+    })?;
+    let dispatcher = Arc::new(Dispatcher::new(
+        DispatcherPorts {
+            queue: Arc::new(store.delivery_queue()),
+            sender: Arc::new(sender),
+            clock: Arc::new(SystemClock),
+            metrics,
+        },
+        DispatcherSettings {
+            concurrency: CONCURRENCY,
+            per_endpoint: CONCURRENCY,
+            lease: Duration::from_secs(31),
+            poll_interval: Duration::from_millis(20),
+            schedule: RetrySchedule::standard(),
+            breaker: BreakerSettings {
+                failure_threshold: 5,
+                open_for: Duration::from_secs(30),
+            },
+            drain: Duration::from_secs(5),
+        },
+    ));
+    let before = received.load(Ordering::Relaxed);
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(dispatcher.run(stop.clone()));
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let delivered: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'delivered'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if delivered as u64 >= n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {delivered} of {n} delivered after 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.cancel();
+    task.await.context("dispatcher")?;
+    let got = received.load(Ordering::Relaxed) - before;
+    anyhow::ensure!(got >= n, "the receiver got {got} of {n}: deliveries lost");
+    if got > n {
+        eprintln!("  ({} duplicate deliveries)", got - n);
+    }
+    let attempts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_attempts")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(
+        attempts as u64 >= n,
+        "only {attempts} attempts logged for {n}"
+    );
+    pool.close().await;
+    store.close().await;
+    Ok(n as f64 / elapsed)
+}
+
+/// The anchor: `CONCURRENCY` tasks posting signed payloads with one reqwest client.
+async fn plain_loop_per_sec(url: &str, received: &AtomicU64, n: u64) -> Result<f64> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .build()?;
+    let secret = WebhookSecret::generate(&mut rand::rng());
+    let next = Arc::new(AtomicU64::new(0));
+    let before = received.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (client, secret, next, url) =
+            (client.clone(), secret.clone(), next.clone(), url.to_owned());
+        tasks.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let id = DeliveryId::new();
+                let timestamp = SystemClock.now().unix_timestamp();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("webhook-id", id.to_string())
+                    .header("webhook-timestamp", timestamp.to_string())
+                    .header(
+                        "webhook-signature",
+                        secret.sign(id, timestamp, PAYLOAD.as_bytes()),
+                    )
+                    .body(PAYLOAD)
+                    .send()
+                    .await?;
+                anyhow::ensure!(response.status().is_success(), "{}", response.status());
+                let _ = response.bytes().await;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let got = received.load(Ordering::Relaxed) - before;
+    anyhow::ensure!(got == n, "the receiver got {got} of {n}");
+    Ok(n as f64 / elapsed)
+}
+
+async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
+    let n = ctx.size(100_000, 1_000);
+    let (url, received, _receiver) = receiver().await?;
+    let (mut ours, mut anchor) = (vec![], vec![]);
+    for run in 0..ctx.runs {
+        let dispatched = dispatcher_per_sec(ctx, &url, &received, n).await?;
+        let plain = plain_loop_per_sec(&url, &received, n).await?;
+        eprintln!(
+            "  run {}: dispatcher {dispatched:.0}/s, plain reqwest loop {plain:.0}/s",
+            run + 1
+        );
+        ours.push(dispatched);
+        anchor.push(plain);
+    }
+    let (ours, theirs) = (Spread::of(&ours), Spread::of(&anchor));
+    let ratio = ours.median / theirs.median;
+    Ok(vec![
+        Row::new(
+            "8",
+            &format!(
+                "webhook deliveries/s ({n} from the Postgres outbox, c={CONCURRENCY}, none lost)"
+            ),
+        )
+        .anchor(format!(
+            "plain reqwest loop, same signed payloads, c={CONCURRENCY}: {}",
+            theirs.show("/s", 0)
+        ))
+        .goal(">= 5,000/s and >= 0.5x the plain loop")
+        .measured(ours.show("/s", 0))
+        .ratio(ratio)
+        .met(ours.median >= 5_000.0 && ratio >= 0.5),
+    ])
+}

@@ -1,0 +1,335 @@
+//! The webhook dispatcher, run on every replica: claims due deliveries from the outbox under a
+//! lease, signs and sends each one, and reports the attempts in batches. A global bound caps
+//! requests in flight; each endpoint has its own bound and circuit breaker, and an endpoint at
+//! its bound or with an open circuit is left out of claims, so a dead or slow endpoint holds
+//! only its own slots and never delays the others.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::audit::{AuditContext, NewAuditEvent, action};
+use crate::domain::webhook::{Attempt, AttemptVerdict, RetrySchedule, WebhookId};
+use crate::ports::{
+    AttemptReport, CircuitMetrics, CircuitState, ClaimRequest, Clock, DeliveryQueue, DueDelivery,
+    NextStep, OutgoingWebhook, SendError, WebhookMetrics, WebhookSender,
+};
+use crate::resilience::{BreakerSettings, CircuitBreaker, Guarded};
+
+pub struct DispatcherPorts {
+    pub queue: Arc<dyn DeliveryQueue>,
+    pub sender: Arc<dyn WebhookSender>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<dyn WebhookMetrics>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DispatcherSettings {
+    /// Requests in flight on this replica, all endpoints together.
+    pub concurrency: usize,
+    /// Requests in flight to one endpoint.
+    pub per_endpoint: usize,
+    /// How long a claim holds a delivery; longer than an attempt can take.
+    pub lease: Duration,
+    /// How often an idle dispatcher looks for due deliveries.
+    pub poll_interval: Duration,
+    pub schedule: RetrySchedule,
+    pub breaker: BreakerSettings,
+    /// How long attempts in flight may finish after the stop; the rest are dropped unreported
+    /// (their leases bring them back to a dispatcher).
+    pub drain: Duration,
+}
+
+/// One endpoint as this replica sees it.
+struct Endpoint {
+    /// Claimed and not yet finished here.
+    claimed: AtomicUsize,
+    /// Requests actually in flight.
+    slots: Semaphore,
+    breaker: CircuitBreaker,
+}
+
+/// The breakers report through the dispatcher's own gauge (states per endpoint are counted,
+/// never labelled by id), so this sink ignores the per-call notice.
+struct Unlabelled;
+
+impl CircuitMetrics for Unlabelled {
+    fn circuit_state(&self, _target: &'static str, _state: CircuitState) {}
+}
+
+pub struct Dispatcher {
+    ports: DispatcherPorts,
+    settings: DispatcherSettings,
+    endpoints: Mutex<HashMap<WebhookId, Arc<Endpoint>>>,
+}
+
+/// Reports written per batch at most.
+const REPORT_BATCH: usize = 512;
+
+impl Dispatcher {
+    pub fn new(ports: DispatcherPorts, settings: DispatcherSettings) -> Self {
+        Self {
+            ports,
+            settings,
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn endpoint(&self, id: WebhookId) -> Arc<Endpoint> {
+        self.endpoints
+            .lock()
+            .expect("endpoint map lock")
+            .entry(id)
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    claimed: AtomicUsize::new(0),
+                    slots: Semaphore::new(self.settings.per_endpoint),
+                    breaker: CircuitBreaker::new(
+                        "webhook",
+                        self.settings.breaker,
+                        Arc::new(Unlabelled),
+                    ),
+                })
+            })
+            .clone()
+    }
+
+    /// Endpoints left out of the next claim, and the breaker gauge on the way.
+    fn skipped(&self) -> Vec<WebhookId> {
+        let endpoints = self.endpoints.lock().expect("endpoint map lock");
+        let (mut closed, mut open, mut half_open) = (0, 0, 0);
+        let mut skip = Vec::new();
+        for (id, endpoint) in endpoints.iter() {
+            let claimed = endpoint.claimed.load(Ordering::Acquire);
+            let state = endpoint.breaker.state();
+            match state {
+                CircuitState::Closed => closed += 1,
+                CircuitState::Open => open += 1,
+                CircuitState::HalfOpen => half_open += 1,
+            }
+            let busy = claimed >= self.settings.per_endpoint;
+            // Half open: one probe at a time.
+            let waiting =
+                state == CircuitState::Open || (state == CircuitState::HalfOpen && claimed > 0);
+            if busy || waiting {
+                skip.push(*id);
+            }
+        }
+        self.ports.metrics.webhook_circuits(closed, open, half_open);
+        skip
+    }
+
+    /// Claims and sends until `stop` is cancelled, then lets attempts in flight finish within
+    /// the drain time and writes their reports.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let (reports, inbox) = mpsc::unbounded_channel();
+        let reporter = tokio::spawn(report_loop(self.ports.queue.clone(), inbox));
+        let mut tasks = tokio::task::JoinSet::new();
+        while !stop.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            let free = permits.available_permits();
+            // Claim in batches: a claim per finished attempt would cost a round trip each.
+            let batch = (self.settings.concurrency / 4).max(1);
+            if free < batch && !tasks.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tasks.join_next() => {}
+                }
+                continue;
+            }
+            let request = ClaimRequest {
+                limit: free,
+                per_endpoint: self.settings.per_endpoint,
+                skip: self.skipped(),
+                lease: self.settings.lease,
+            };
+            let claimed = match self.ports.queue.claim_due(&request).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim webhook deliveries");
+                    Vec::new()
+                }
+            };
+            let full = claimed.len() == free;
+            for due in claimed {
+                let permit = permits
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("no more claimed than free permits");
+                let endpoint = self.endpoint(due.delivery.webhook_id);
+                endpoint.claimed.fetch_add(1, Ordering::AcqRel);
+                let (this, reports) = (self.clone(), reports.clone());
+                tasks.spawn(async move {
+                    let report = this.attempt(&endpoint, due).await;
+                    endpoint.claimed.fetch_sub(1, Ordering::AcqRel);
+                    drop(permit);
+                    let _ = reports.send(report);
+                });
+            }
+            if !full {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                }
+            }
+        }
+        let drained = tokio::time::timeout(self.settings.drain, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                in_flight = tasks.len(),
+                "webhook attempts still in flight at shutdown are left to their leases"
+            );
+            tasks.shutdown().await;
+        }
+        drop(reports);
+        let _ = reporter.await;
+    }
+
+    /// Sends one delivery through its endpoint's bound and breaker and says what follows.
+    async fn attempt(&self, endpoint: &Endpoint, due: DueDelivery) -> AttemptReport {
+        let DueDelivery {
+            delivery,
+            url,
+            secret,
+        } = due;
+        let _slot = endpoint.slots.acquire().await.expect("never closed");
+        let now = self.ports.clock.now();
+        let timestamp = now.unix_timestamp();
+        let request = OutgoingWebhook {
+            signature: secret.sign(delivery.id, timestamp, delivery.payload.as_bytes()),
+            url,
+            id: delivery.id,
+            timestamp,
+            body: delivery.payload,
+            traceparent: traceparent(),
+        };
+        let started = Instant::now();
+        let sent = endpoint
+            .breaker
+            .call(|_: &Result<u16, SendError>| true, async {
+                // An answer that is not 2xx counts against the breaker too.
+                match self.ports.sender.send(&request).await {
+                    Ok(code) if (200..300).contains(&code) || code == 410 => Ok(Ok(code)),
+                    other => Err(other),
+                }
+            })
+            .await;
+        let latency = started.elapsed();
+        let answer = match sent {
+            Ok(answered) => answered,
+            Err(Guarded::Failed(result)) => result,
+            Err(Guarded::Open(open)) => {
+                // Not sent: wait for the circuit, without spending an attempt.
+                self.ports.metrics.webhook_attempt("circuit_open", latency);
+                return AttemptReport {
+                    delivery: delivery.id,
+                    webhook: delivery.webhook_id,
+                    attempt: None,
+                    next: NextStep::RetryAt(now + Duration::from_secs(open.retry_in_secs)),
+                };
+            }
+        };
+        let number = delivery.attempts + 1;
+        let (status_code, error) = match &answer {
+            Ok(code) => (Some(*code), None),
+            Err(error) => (None, Some(error.to_string())),
+        };
+        let verdict = AttemptVerdict::of(status_code);
+        let next = match verdict {
+            AttemptVerdict::Delivered => NextStep::Delivered,
+            AttemptVerdict::Gone => NextStep::DisableEndpoint {
+                reason: "the endpoint answered 410 Gone".into(),
+                audit: Box::new(NewAuditEvent::new(
+                    &AuditContext::system(),
+                    now,
+                    action::WEBHOOK_DISABLED,
+                    ("webhook", delivery.webhook_id.to_string()),
+                    json!({"reason": "410 Gone", "delivery_id": delivery.id.as_uuid()}),
+                )),
+            },
+            AttemptVerdict::Retry => match self
+                .settings
+                .schedule
+                .next_delay(number, rand::random::<f64>())
+            {
+                Some(delay) => NextStep::RetryAt(self.ports.clock.now() + delay),
+                None => NextStep::Failed,
+            },
+        };
+        let outcome = match (&next, &answer) {
+            (_, Err(SendError::Refused(_))) => "refused",
+            (NextStep::Delivered, _) => "delivered",
+            (NextStep::DisableEndpoint { .. }, _) => "gone",
+            (NextStep::RetryAt(_), _) => "retry",
+            (NextStep::Failed, _) => "failed",
+        };
+        self.ports.metrics.webhook_attempt(outcome, latency);
+        if outcome != "delivered" {
+            tracing::info!(
+                delivery = %delivery.id,
+                webhook = %delivery.webhook_id,
+                attempt = number,
+                status = ?status_code,
+                error = error.as_deref().unwrap_or(""),
+                outcome,
+                "webhook attempt not delivered"
+            );
+        }
+        AttemptReport {
+            delivery: delivery.id,
+            webhook: delivery.webhook_id,
+            attempt: Some(Attempt {
+                number,
+                at: now,
+                status_code,
+                latency_ms: latency.as_millis() as u64,
+                error,
+            }),
+            next,
+        }
+    }
+}
+
+/// Times a batch of reports is written before it is given up.
+const REPORT_TRIES: u32 = 20;
+
+/// Writes reports in batches as they come; a failed write is retried (for about 10 s, a
+/// database failover), then given up: the leases bring those deliveries back, and they are sent
+/// again (at least once).
+async fn report_loop(
+    queue: Arc<dyn DeliveryQueue>,
+    mut inbox: mpsc::UnboundedReceiver<AttemptReport>,
+) {
+    let mut batch = Vec::with_capacity(REPORT_BATCH);
+    while inbox.recv_many(&mut batch, REPORT_BATCH).await > 0 {
+        for tried in 1..=REPORT_TRIES {
+            match queue.report(&batch).await {
+                Ok(()) => break,
+                Err(error) if tried == REPORT_TRIES => {
+                    tracing::error!(%error, reports = batch.len(), "gave up recording webhook attempts; their deliveries will be sent again");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, reports = batch.len(), "cannot record webhook attempts; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// A W3C `traceparent` for one attempt: a fresh trace, sampled.
+fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    format!("00-{trace:032x}-{span:016x}-01")
+}
