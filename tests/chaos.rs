@@ -1,11 +1,14 @@
 //! Chaos with three replicas on one Postgres of the test's own: a replica is killed with
-//! SIGKILL while it runs commands, the database is stopped and started under load, and 1,000
-//! SSE clients connect and drop at once. Afterwards nothing is lost or run twice, every command
-//! is final (the killed replica's ones `lost`), the audit chain verifies, and the surviving
-//! replica's stream gauge and memory are back where they were.
+//! SIGKILL while it runs commands and dispatches webhooks, the database is stopped and started
+//! under load, and 1,000 SSE clients connect and drop at once. Afterwards nothing is lost or
+//! run twice, every command is final (the killed replica's ones `lost`), every webhook event
+//! reached its receiver at least once, the audit chain verifies, and the surviving replica's
+//! stream gauge and memory are back where they were.
 
 mod support;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,7 +29,40 @@ fn replica_env() -> Vec<(&'static str, &'static str)> {
         ("RDEV_MAX_SSE_PER_KEY", "5000"),
         ("RDEV_AUDIT_KEY", "chaos-test-audit-key"),
         ("RDEV_DRAIN_DELAY_SECS", "0"),
+        // The receiver is on 127.0.0.1; a killed replica's claimed deliveries return after a
+        // lease of three timeouts and a second.
+        ("RDEV_WEBHOOK_ALLOW_PRIVATE", "true"),
+        ("RDEV_WEBHOOK_TIMEOUT_SECS", "2"),
+        ("RDEV_WEBHOOK_POLL_MS", "100"),
+        ("RDEV_WEBHOOK_RETRY_SCHEDULE", "1s,1s,2s,2s,5s,5s,10s"),
     ]
+}
+
+/// A webhook receiver that records `(type, command id)` of every request it gets.
+async fn webhook_receiver() -> (String, Arc<Mutex<BTreeSet<(String, String)>>>) {
+    let received = Arc::new(Mutex::new(BTreeSet::new()));
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<
+                    Arc<Mutex<BTreeSet<(String, String)>>>,
+                >,
+                 body: String| async move {
+                    let event: Value = serde_json::from_str(&body).unwrap();
+                    seen.lock().unwrap().insert((
+                        event["type"].as_str().unwrap().to_owned(),
+                        event["data"]["id"].as_str().unwrap().to_owned(),
+                    ));
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
 }
 
 async fn metric(server: &TestServer, name: &str) -> f64 {
@@ -100,6 +136,16 @@ async fn three_replicas_ride_out_a_kill_a_database_restart_and_a_stream_surge() 
         .server
         .create_project("chaos", json!({"max_concurrency": 64}))
         .await;
+    let (hook_url, received) = webhook_receiver().await;
+    let hook = doomed
+        .server
+        .post(
+            "/api/v1/webhooks",
+            ADMIN_KEY,
+            json!({"url": hook_url, "events": ["*"]}),
+        )
+        .await;
+    assert_eq!(hook.status(), 201, "{}", hook.text().await.unwrap());
     let mut long_running = Vec::new();
     for i in 0..DOOMED_COMMANDS {
         long_running.push(
@@ -221,6 +267,34 @@ async fn three_replicas_ride_out_a_kill_a_database_restart_and_a_stream_surge() 
         let command = first.server.command(id).await;
         assert_eq!(command["status"], "lost", "{command}");
     }
+    // Every event of every command reached the receiver at least once: queued, started for
+    // those that ran, and the final one.
+    let mut expected = BTreeSet::new();
+    for id in &all {
+        let command = first.server.command(id).await;
+        let status = command["status"].as_str().unwrap().to_owned();
+        expected.insert(("command.queued".to_owned(), id.clone()));
+        if !command["started_at"].is_null() {
+            expected.insert(("command.started".to_owned(), id.clone()));
+        }
+        expected.insert((format!("command.{status}"), id.clone()));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: Vec<_> = expected
+            .difference(&received.lock().unwrap())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhook events never delivered: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     let verified: Value = second
         .server
         .get("/api/v1/audit/verify", ADMIN_KEY)
