@@ -38,16 +38,17 @@ fn replica_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
-/// A webhook receiver that records `(type, command id)` of every request it gets.
-async fn webhook_receiver() -> (String, Arc<Mutex<BTreeSet<(String, String)>>>) {
+/// `(event type, command id)` of every webhook request received.
+type Received = Arc<Mutex<BTreeSet<(String, String)>>>;
+
+/// A webhook receiver that records what it gets.
+async fn webhook_receiver() -> (String, Received) {
     let received = Arc::new(Mutex::new(BTreeSet::new()));
     let app = axum::Router::new()
         .route(
             "/hook",
             axum::routing::post(
-                |axum::extract::State(seen): axum::extract::State<
-                    Arc<Mutex<BTreeSet<(String, String)>>>,
-                >,
+                |axum::extract::State(seen): axum::extract::State<Received>,
                  body: String| async move {
                     let event: Value = serde_json::from_str(&body).unwrap();
                     seen.lock().unwrap().insert((
