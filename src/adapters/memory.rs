@@ -1,5 +1,6 @@
 //! [`MemoryRateLimiter`]: the sliding-window counters of one replica, in memory. No I/O on the
-//! request path: a cache lookup and a short lock of the key's own counter.
+//! request path: a lookup in moka's synchronous cache (no future to build or poll) and a short
+//! lock of the key's own counter.
 //!
 //! Memory is bounded: at most [`MAX_KEYS`] counters, and a counter idle for two of its windows
 //! is evicted. Eviction loses nothing, because by then every request it counted has left the
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::Expiry;
-use moka::future::Cache;
+use moka::sync::Cache;
 
 use crate::domain::ids::ApiKeyId;
 use crate::domain::rate_limit::{RateDecision, RateLimit, WindowCounts, epoch_ms};
@@ -77,30 +78,30 @@ impl MemoryRateLimiter {
     }
 
     /// Counters held now (after pending evictions ran).
-    pub async fn len(&self) -> u64 {
-        self.counters.run_pending_tasks().await;
+    pub fn len(&self) -> u64 {
+        self.counters.run_pending_tasks();
         self.counters.entry_count()
     }
 
     /// Whether no counter is held.
-    pub async fn is_empty(&self) -> bool {
-        self.len().await == 0
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
-    async fn counter(&self, key: ApiKeyId, rate: RateLimit) -> Arc<Counter> {
+    fn counter(&self, key: ApiKeyId, rate: RateLimit) -> Arc<Counter> {
         let new_counter = || {
             Arc::new(Counter {
                 window: rate.window(),
                 counts: Mutex::new(WindowCounts::default()),
             })
         };
-        let counter = self.counters.get_with(key, async { new_counter() }).await;
+        let counter = self.counters.get_with(key, new_counter);
         if counter.window == rate.window() {
             return counter;
         }
         // The key's window changed: counts of the old length say nothing about the new one.
         let counter = new_counter();
-        self.counters.insert(key, counter.clone()).await;
+        self.counters.insert(key, counter.clone());
         counter
     }
 }
@@ -108,7 +109,7 @@ impl MemoryRateLimiter {
 #[async_trait]
 impl RateLimiter for MemoryRateLimiter {
     async fn hit(&self, key: ApiKeyId, rate: RateLimit) -> Result<RateDecision, PortError> {
-        let counter = self.counter(key, rate).await;
+        let counter = self.counter(key, rate);
         let now_ms = epoch_ms(self.clock.now());
         let mut counts = counter
             .counts
@@ -133,11 +134,11 @@ mod tests {
         limiter.hit(idle, rate).await.unwrap();
         let hourly = RateLimit::parse("5/1h").unwrap();
         limiter.hit(busy, hourly).await.unwrap();
-        assert_eq!(limiter.len().await, 2);
+        assert_eq!(limiter.len(), 2);
         // Two one-second windows after its last use, the idle key's counter is gone; the
         // hourly one stays.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
-        assert_eq!(limiter.len().await, 1);
+        assert_eq!(limiter.len(), 1);
         let again = limiter.hit(idle, rate).await.unwrap();
         assert_eq!(again.remaining, 4, "a fresh window, as before the eviction");
     }

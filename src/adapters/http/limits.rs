@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::Response;
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultKeyedRateLimiter, Quota};
-use moka::future::Cache;
+use moka::sync::Cache;
 
 use crate::domain::rate_limit::{RateDecision, RateLimit, ceil_secs};
 
@@ -73,7 +73,7 @@ impl AuthFailureGuard {
 
     /// `Err(wait)` when `client` used up its failures: refuse before looking at its key.
     pub async fn check(&self, client: IpAddr) -> Result<(), Duration> {
-        let Some(until) = self.blocked.get(&counted_as(client)).await else {
+        let Some(until) = self.blocked.get(&counted_as(client)) else {
             return Ok(());
         };
         match until.checked_duration_since(Instant::now()) {
@@ -92,7 +92,7 @@ impl AuthFailureGuard {
             Err(not_until) => Some(not_until.earliest_possible()),
         };
         if let Some(until) = until {
-            self.blocked.insert(net, until).await;
+            self.blocked.insert(net, until);
         }
         let seen = self.failures_seen.fetch_add(1, Ordering::Relaxed);
         if seen.is_multiple_of(SWEEP_EVERY) && self.failures.len() > MAX_TRACKED {
