@@ -71,9 +71,11 @@ where
         // Both are reference-counted or inline: kept for the log line of a server error.
         let method = request.method().clone();
         let uri = request.uri().clone();
+        let http1 = request.version() < axum::http::Version::HTTP_2;
         EdgeFuture {
             inner: self.inner.call(request),
             exchange: Some((id, method, uri)),
+            http1,
         }
     }
 }
@@ -83,6 +85,7 @@ pin_project! {
         #[pin]
         inner: F,
         exchange: Option<(HeaderValue, Method, Uri)>,
+        http1: bool,
     }
 }
 
@@ -108,6 +111,14 @@ where
         let response = response.map(Body::new);
         let mut response = problem::normalize(&method, uri.path(), response);
         response.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+        // A 413 leaves the rest of its body unread: on HTTP/1 those bytes must not be taken
+        // for the next request on the connection, so it closes.
+        if *this.http1 && response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
         Poll::Ready(Ok(response))
     }
 }
