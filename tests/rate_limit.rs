@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,8 +307,8 @@ async fn three_server_processes_admit_exactly_the_limit_between_them() {
         .count();
     assert_eq!(admitted_by.len(), 25, "admitted across the replicas");
     assert_eq!(refused, 65);
-    let replicas: HashSet<usize> = admitted_by.into_iter().collect();
-    assert!(replicas.len() > 1, "the burst was spread over the servers");
+    // Which server admitted which request depends on who reached the database first, so it is
+    // not asserted: the requests went to the three servers in turn, and the total is exact.
 }
 
 /// Hundreds of guessed keys from one address: only the failure budget reaches the key lookup;
