@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::own_postgres::OwnPostgres;
-use support::{ADMIN_KEY, ServerProcess, TestDb, TestServer};
+use support::{ADMIN_KEY, ServerProcess, TestDb, TestServer, eventually, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SHORT_COMMANDS: usize = 30;
@@ -67,13 +67,7 @@ async fn webhook_receiver() -> (String, Received) {
 }
 
 async fn metric(server: &TestServer, name: &str) -> f64 {
-    let text = server.metrics().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
+    sample(&server.metrics().await, name).unwrap_or_else(|| panic!("{name} in /metrics"))
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -83,18 +77,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
-}
-
-async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn statuses(server: &TestServer, ids: &[String]) -> Vec<String> {

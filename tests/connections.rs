@@ -47,12 +47,7 @@ fn status_line(answer: &str) -> &str {
 }
 
 fn gauge(metrics: &str, name: &str) -> i64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} is exported"))
-        .parse()
-        .unwrap()
+    support::sample(metrics, name).unwrap_or_else(|| panic!("{name} is exported")) as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

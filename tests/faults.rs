@@ -11,7 +11,7 @@ use rdev_api::ports::clock::ManualClock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::own_postgres::OwnPostgres;
-use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, test_config};
+use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, eventually, test_config};
 
 /// Gone, or a zombie nobody reaps (PID 1 here does not reap orphans).
 fn process_gone(pid: i32) -> bool {
@@ -36,19 +36,6 @@ async fn stored_output(server: &TestServer, id: &str) -> String {
         .text()
         .await
         .unwrap()
-}
-
-/// Polls until `ready` holds, or fails the test after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

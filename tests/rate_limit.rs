@@ -50,9 +50,7 @@ fn count(statuses: &[StatusCode], wanted: StatusCode) -> usize {
 
 /// The value of one sample of the Prometheus text, 0 when absent.
 fn metric(text: &str, sample: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    support::sample(text, sample).map_or(0, |v| v as u64)
 }
 
 async fn exactly_the_limit_of_a_burst_passes(backend: Backend) {

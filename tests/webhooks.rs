@@ -20,7 +20,7 @@ use rdev_api::ports::{OutgoingWebhook, SendError, WebhookSender};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::venv::python_venv;
-use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, test_config};
+use support::{ADMIN_KEY, Backend, ServerProcess, TestDb, TestServer, eventually, test_config};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::Command;
 
@@ -167,19 +167,6 @@ async fn delivery_log(server: &TestServer, webhook: &str, delivery: &str) -> Val
         .json()
         .await
         .unwrap()
-}
-
-/// Polls until `ready` holds, or fails the test after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn retries_after_500s_then_delivers_with_verifiable_signatures(backend: Backend) {

@@ -206,6 +206,30 @@ pub fn test_config(db: &TestDb) -> Config {
     config
 }
 
+/// Polls `ready` until it holds, failing the test with `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one sample (`name` or `name{labels}`) in Prometheus text, if exported.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Whether the slow variant of the suite was asked for (`RDEV_SUITE=long`).
 pub fn long_suite() -> bool {
     std::env::var("RDEV_SUITE").is_ok_and(|v| v == "long")
