@@ -39,9 +39,38 @@ const STORED: &[(u16, &str)] = &[(503, "The database is unavailable; retry later
 /// Adds the problem responses each operation can give and marks every problem response as
 /// `application/problem+json`.
 pub fn declare_problem_responses(openapi: &mut OpenApi) {
-    for (path, item) in openapi.paths.paths.iter_mut() {
+    for (path, operation) in operations(openapi) {
         let stored = path.starts_with("/api/");
-        for operation in [
+        let mut statuses: Vec<(u16, &str)> = Vec::new();
+        if takes_a_key(operation) {
+            statuses.extend(AUTHENTICATED);
+        }
+        let has_param =
+            |operation: &Operation, place: ParameterIn| {
+                operation.parameters.iter().flatten().any(|p| {
+                    std::mem::discriminant(&p.parameter_in) == std::mem::discriminant(&place)
+                })
+            };
+        if has_param(operation, ParameterIn::Path) {
+            statuses.extend(PATH_ID);
+        }
+        if has_param(operation, ParameterIn::Query) {
+            statuses.extend(QUERY);
+        }
+        if operation.request_body.is_some() {
+            statuses.extend(BODY);
+        }
+        if stored {
+            statuses.extend(STORED);
+        }
+        declare(operation, &statuses);
+    }
+}
+
+/// Every operation of the document, with its path.
+fn operations(openapi: &mut OpenApi) -> impl Iterator<Item = (&str, &mut Operation)> {
+    openapi.paths.paths.iter_mut().flat_map(|(path, item)| {
+        [
             &mut item.get,
             &mut item.put,
             &mut item.post,
@@ -50,31 +79,12 @@ pub fn declare_problem_responses(openapi: &mut OpenApi) {
         ]
         .into_iter()
         .flatten()
-        {
-            let mut statuses: Vec<(u16, &str)> = Vec::new();
-            if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
-                statuses.extend(AUTHENTICATED);
-            }
-            let has_param = |operation: &Operation, place: ParameterIn| {
-                operation.parameters.iter().flatten().any(|p| {
-                    std::mem::discriminant(&p.parameter_in) == std::mem::discriminant(&place)
-                })
-            };
-            if has_param(operation, ParameterIn::Path) {
-                statuses.extend(PATH_ID);
-            }
-            if has_param(operation, ParameterIn::Query) {
-                statuses.extend(QUERY);
-            }
-            if operation.request_body.is_some() {
-                statuses.extend(BODY);
-            }
-            if stored {
-                statuses.extend(STORED);
-            }
-            declare(operation, &statuses);
-        }
-    }
+        .map(move |operation| (path.as_str(), operation))
+    })
+}
+
+fn takes_a_key(operation: &Operation) -> bool {
+    operation.security.as_ref().is_some_and(|s| !s.is_empty())
 }
 
 fn declare(operation: &mut Operation, statuses: &[(u16, &str)]) {
@@ -172,27 +182,16 @@ pub fn declare_rate_limits(openapi: &mut OpenApi) {
         )
         .content(PROBLEM_JSON, Content::new(Some(problem_schema())))
         .build();
-    for item in openapi.paths.paths.values_mut() {
-        for operation in [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if operation.security.as_ref().is_none_or(Vec::is_empty) {
-                continue;
-            }
-            let responses = &mut operation.responses.responses;
-            responses.insert("429".to_owned(), RefOr::T(too_many.clone()));
-            for response in responses.values_mut() {
-                if let RefOr::T(response) = response {
-                    for (name, header) in &rate_headers {
-                        response.headers.insert((*name).to_owned(), header.clone());
-                    }
+    for (_, operation) in operations(openapi) {
+        if !takes_a_key(operation) {
+            continue;
+        }
+        let responses = &mut operation.responses.responses;
+        responses.insert("429".to_owned(), RefOr::T(too_many.clone()));
+        for response in responses.values_mut() {
+            if let RefOr::T(response) = response {
+                for (name, header) in &rate_headers {
+                    response.headers.insert((*name).to_owned(), header.clone());
                 }
             }
         }
