@@ -167,7 +167,9 @@ impl WorkerPool {
         let mut found_work = true;
         loop {
             while running.try_join_next().is_some() {}
+            // `biased`: once draining, a free slot must not win the race and claim.
             let first = tokio::select! {
+                biased;
                 _ = draining.cancelled() => break,
                 permit = slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
@@ -188,6 +190,9 @@ impl WorkerPool {
                         _ => break,
                     }
                 }
+            }
+            if draining.is_cancelled() {
+                break;
             }
             // An idle replica's polls are not traced (one span a second per replica says
             // nothing); claims while commands run, or right after one found work, are.
@@ -235,6 +240,7 @@ impl WorkerPool {
                 Ok(_) => {
                     drop(permits);
                     tokio::select! {
+                        biased;
                         _ = draining.cancelled() => break,
                         _ = self.ports.work.wait(self.settings.poll_interval) => {}
                     }
@@ -243,6 +249,7 @@ impl WorkerPool {
                     drop(permits);
                     tracing::warn!(error = %error, "claiming failed; backing off");
                     tokio::select! {
+                        biased;
                         _ = draining.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
