@@ -112,7 +112,8 @@ impl Dispatcher {
                 CircuitState::Open => open += 1,
                 CircuitState::HalfOpen => half_open += 1,
             }
-            let busy = claimed >= self.settings.per_endpoint;
+            // Its slots full and as many again waiting for them.
+            let busy = claimed >= 2 * self.settings.per_endpoint;
             // Half open: one probe at a time.
             let waiting =
                 state == CircuitState::Open || (state == CircuitState::HalfOpen && claimed > 0);
@@ -124,27 +125,35 @@ impl Dispatcher {
         skip
     }
 
-    /// Claims and sends until `stop` is cancelled, then lets attempts in flight finish within
-    /// the drain time and writes their reports.
+    /// Claims and sends until `stop` is cancelled, then lets attempts in flight (and those
+    /// claimed and waiting) finish within the drain time and writes their reports.
+    ///
+    /// Claims run ahead of the senders: up to twice `concurrency` deliveries are claimed at
+    /// once, so a claim's round trip never leaves request slots idle. A claimed delivery waits
+    /// for its endpoint's slot first and only then for a global one, so the deliveries of a
+    /// dead endpoint wait on that endpoint alone.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
         let (reports, inbox) = mpsc::unbounded_channel();
         let reporter = tokio::spawn(report_loop(self.ports.queue.clone(), inbox));
+        let room = Arc::new(Semaphore::new(2 * self.settings.concurrency));
+        let sending = Arc::new(Semaphore::new(self.settings.concurrency));
+        // Claim when a whole `concurrency` fits: each claim is a statement the database plans,
+        // sorts and commits, so small ones cost more in all than the rows they take.
+        let batch = u32::try_from(self.settings.concurrency).unwrap_or(u32::MAX);
         let mut tasks = tokio::task::JoinSet::new();
-        while !stop.is_cancelled() {
-            while tasks.try_join_next().is_some() {}
-            let free = permits.available_permits();
-            // Claim in batches: a claim per finished attempt would cost a round trip each.
-            let batch = (self.settings.concurrency / 4).max(1);
-            if free < batch && !tasks.is_empty() {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tasks.join_next() => {}
-                }
-                continue;
+        loop {
+            let mut held = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                held = room.clone().acquire_many_owned(batch) => held.expect("never closed"),
+            };
+            let more = u32::try_from(room.available_permits()).unwrap_or(u32::MAX);
+            if let Ok(more) = room.clone().try_acquire_many_owned(more) {
+                held.merge(more);
             }
+            while tasks.try_join_next().is_some() {}
             let request = ClaimRequest {
-                limit: free,
+                limit: held.num_permits(),
                 per_endpoint: self.settings.per_endpoint,
                 skip: self.skipped(),
                 lease: self.settings.lease,
@@ -156,24 +165,25 @@ impl Dispatcher {
                     Vec::new()
                 }
             };
-            let full = claimed.len() == free;
+            // An idle dispatcher polls; one that found work claims again as soon as it has
+            // room (a claim may come back short only because of the per-endpoint bound).
+            let found = !claimed.is_empty();
             for due in claimed {
-                let permit = permits
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("no more claimed than free permits");
+                let claim = held.split(1).expect("no more claimed than room held");
                 let endpoint = self.endpoint(due.delivery.webhook_id);
                 endpoint.claimed.fetch_add(1, Ordering::AcqRel);
-                let (this, reports) = (self.clone(), reports.clone());
+                let (this, reports, sending) = (self.clone(), reports.clone(), sending.clone());
                 tasks.spawn(async move {
-                    let report = this.attempt(&endpoint, due).await;
+                    let report = this.attempt(&endpoint, &sending, due).await;
                     endpoint.claimed.fetch_sub(1, Ordering::AcqRel);
-                    drop(permit);
+                    drop(claim);
                     let _ = reports.send(report);
                 });
             }
-            if !full {
+            drop(held);
+            if !found {
                 tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 }
@@ -195,13 +205,19 @@ impl Dispatcher {
     }
 
     /// Sends one delivery through its endpoint's bound and breaker and says what follows.
-    async fn attempt(&self, endpoint: &Endpoint, due: DueDelivery) -> AttemptReport {
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        sending: &Semaphore,
+        due: DueDelivery,
+    ) -> AttemptReport {
         let DueDelivery {
             delivery,
             url,
             secret,
         } = due;
         let _slot = endpoint.slots.acquire().await.expect("never closed");
+        let _sending = sending.acquire().await.expect("never closed");
         let now = self.ports.clock.now();
         let timestamp = now.unix_timestamp();
         let request = OutgoingWebhook {

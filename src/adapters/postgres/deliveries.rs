@@ -1,7 +1,7 @@
 //! [`PgDeliveryQueue`]: the webhook outbox on Postgres. The command units write deliveries in
 //! their own statements (see `outbox_insert`); dispatchers on every replica claim due ones with
-//! `FOR UPDATE SKIP LOCKED` under a lease that moves `next_attempt_at` forward on the database's
-//! clock, so a replica that dies mid-attempt gives its claims back when the lease runs out.
+//! `FOR UPDATE SKIP LOCKED` under a lease (`leased_until`, on the database's clock), so a
+//! replica that dies mid-attempt gives its claims back when the lease runs out.
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Row};
@@ -43,9 +43,10 @@ fn delivery_columns_of(alias: &str) -> String {
 
 #[async_trait]
 impl DeliveryQueue for PgDeliveryQueue {
-    /// One statement: lock due rows of enabled endpoints not skipped (oldest due first, skipping
-    /// rows other replicas hold), keep at most `per_endpoint` of each endpoint and `limit` in
-    /// all, and lease them.
+    /// One statement: lock up to `limit` due rows of enabled endpoints not skipped (oldest due
+    /// first, skipping rows other replicas hold), keep at most `per_endpoint` of each endpoint,
+    /// and lease them. Each row lock is a write, so no more are locked than can be taken; an
+    /// endpoint cut short here is at its bound and the dispatcher's next claim skips it.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DueDelivery>, PortError> {
         if request.limit == 0 {
             return Ok(vec![]);
@@ -56,6 +57,7 @@ impl DeliveryQueue for PgDeliveryQueue {
                  SELECT d.id, d.webhook_id, d.next_attempt_at FROM webhook_deliveries d \
                  JOIN webhooks w ON w.id = d.webhook_id \
                  WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp() \
+                   AND (d.leased_until IS NULL OR d.leased_until <= clock_timestamp()) \
                    AND w.enabled AND NOT (d.webhook_id = ANY($1)) \
                  ORDER BY d.next_attempt_at LIMIT $2 \
                  FOR UPDATE OF d SKIP LOCKED \
@@ -66,13 +68,13 @@ impl DeliveryQueue for PgDeliveryQueue {
                  WHERE nth <= $3 ORDER BY next_attempt_at LIMIT $4 \
              ) \
              UPDATE webhook_deliveries d \
-             SET next_attempt_at = clock_timestamp() + make_interval(secs => $5::double precision / 1e6) \
+             SET leased_until = clock_timestamp() + make_interval(secs => $5::double precision / 1e6) \
              FROM picked, webhooks w WHERE d.id = picked.id AND w.id = d.webhook_id \
              RETURNING {}, w.url, w.secret",
             delivery_columns_of("d")
         ))
         .bind(&skip)
-        .bind(i64::try_from(request.limit.saturating_mul(4)).unwrap_or(i64::MAX))
+        .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.per_endpoint).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.lease.as_micros()).unwrap_or(i64::MAX))
@@ -146,7 +148,7 @@ impl DeliveryQueue for PgDeliveryQueue {
                  SELECT v.id, v.attempt, v.at, v.code, v.latency, v.error FROM v \
                  JOIN webhook_deliveries d ON d.id = v.id ON CONFLICT DO NOTHING) \
              UPDATE webhook_deliveries d SET status = v.status, attempts = GREATEST(d.attempts, v.attempt), \
-                 next_attempt_at = v.next, last_status_code = v.code, last_latency_ms = v.latency, \
+                 next_attempt_at = v.next, leased_until = NULL, last_status_code = v.code, last_latency_ms = v.latency, \
                  last_error = v.error, delivered_at = COALESCE(v.delivered, d.delivered_at) \
              FROM v WHERE d.id = v.id",
         )
@@ -165,7 +167,7 @@ impl DeliveryQueue for PgDeliveryQueue {
         }
         if !postponed.is_empty() {
             sqlx::query(
-                "UPDATE webhook_deliveries d SET next_attempt_at = v.next \
+                "UPDATE webhook_deliveries d SET next_attempt_at = v.next, leased_until = NULL \
                  FROM UNNEST($1::uuid[], $2::timestamptz[]) AS v(id, next) \
                  WHERE d.id = v.id AND d.status = 'pending'",
             )
@@ -256,7 +258,8 @@ impl DeliveryQueue for PgDeliveryQueue {
 
     async fn redeliver(&self, webhook: WebhookId, id: DeliveryId) -> Result<Delivery, PortError> {
         let row = sqlx::query(&format!(
-            "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = clock_timestamp() \
+            "UPDATE webhook_deliveries \
+             SET status = 'pending', next_attempt_at = clock_timestamp(), leased_until = NULL \
              WHERE id = $1 AND webhook_id = $2 RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(id.as_uuid())
