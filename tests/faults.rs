@@ -173,7 +173,7 @@ async fn a_draining_replica_claims_nothing_and_says_why_it_stopped_the_rest(back
         return;
     };
     let mut config = test_config(&db);
-    config.drain_delay_secs = 3;
+    config.drain_delay_secs = 4;
     config.shutdown_grace_secs = 1;
     let draining = TestServer::start_with(config).await;
     let project = draining
@@ -187,6 +187,10 @@ async fn a_draining_replica_claims_nothing_and_says_why_it_stopped_the_rest(back
         .await;
 
     draining.begin_drain();
+    // A claim already under way when the drain begins still completes (it may see rows
+    // committed while it waited for a connection); no claim starts after. Submit once it is
+    // surely over.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let during: Vec<String> = futures::future::join_all(
         (0..2).map(|_| draining.submit(&project, json!({"command": "echo later"}))),
     )

@@ -155,7 +155,8 @@ impl WorkerPool {
     }
 
     /// Runs the claimer, the finisher and the reaper until `draining` (from then on this
-    /// replica claims nothing, and queued commands wait for the others); then lets running
+    /// replica starts no claim, and queued commands wait for the others; a claim already under
+    /// way completes and its commands run); then lets running
     /// commands finish for the drain period and stops the rest (reason `shutdown`).
     pub async fn run(self: Arc<Self>, draining: CancellationToken) {
         let stop_running = CancellationToken::new();
