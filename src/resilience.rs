@@ -132,7 +132,7 @@ impl CircuitBreaker {
                 probe_since: None,
             };
             if was_open {
-                tracing::info!(target = self.target, "circuit breaker closed");
+                tracing::info!(breaker = self.target, "circuit breaker closed");
                 self.metrics
                     .circuit_state(self.target, CircuitState::Closed);
             }
@@ -144,7 +144,7 @@ impl CircuitBreaker {
             state.open_until = Some(Instant::now() + self.settings.open_for);
             state.probe_since = None;
             tracing::warn!(
-                target = self.target,
+                breaker = self.target,
                 failures = state.consecutive_failures,
                 "circuit breaker open"
             );
