@@ -630,6 +630,15 @@ where
     }
 }
 
+/// A column list (one of the `*_COLUMNS`) qualified with a table alias, for statements that join.
+pub fn qualified(columns: &str, alias: &str) -> String {
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub const WEBHOOK_COLUMNS: &str = "id, url, events, project_id, description, secret, enabled, disabled_reason, created_at, updated_at";
 pub const DELIVERY_COLUMNS: &str = "id, webhook_id, event_type, payload, status, attempts, \
     next_attempt_at, last_status_code, last_latency_ms, last_error, created_at, delivered_at";

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::audit;
 use crate::adapters::sql::{
-    DELIVERY_COLUMNS, Sealing, attempt_from_row, db, delivery_from_row, page, translate,
+    DELIVERY_COLUMNS, Sealing, attempt_from_row, db, delivery_from_row, page, qualified, translate,
 };
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::webhook::{
@@ -31,14 +31,6 @@ impl PgDeliveryQueue {
     pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
         Self { pool, sealing }
     }
-}
-
-fn delivery_columns_of(alias: &str) -> String {
-    DELIVERY_COLUMNS
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[async_trait]
@@ -71,7 +63,7 @@ impl DeliveryQueue for PgDeliveryQueue {
              SET leased_until = clock_timestamp() + make_interval(secs => $5::double precision / 1e6) \
              FROM picked, webhooks w WHERE d.id = picked.id AND w.id = d.webhook_id \
              RETURNING {}, w.url, w.secret",
-            delivery_columns_of("d")
+            qualified(DELIVERY_COLUMNS, "d")
         ))
         .bind(&skip)
         .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::audit;
 use crate::adapters::sql::{
     COMMAND_COLUMNS, Dialect, LOST_MESSAGE, Sealing, command_from_row, db, lost_audits,
-    outbox_insert, slots_per_project,
+    outbox_insert, qualified, slots_per_project,
 };
 use crate::domain::audit::AuditContext;
 use crate::domain::command::{Command, CommandStatus};
@@ -31,15 +31,6 @@ impl PgCommandQueue {
     pub fn new(pool: PgPool, sealing: Arc<Sealing>) -> Self {
         Self { pool, sealing }
     }
-}
-
-/// `COMMAND_COLUMNS` qualified with a table alias, for statements that join.
-fn command_columns_of(alias: &str) -> String {
-    COMMAND_COLUMNS
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Gives back the project slots of commands that left `running`, in project id order (the order
@@ -109,7 +100,7 @@ impl CommandQueue for PgCommandQueue {
                  RETURNING {}, c.lease_expires_at AS lease_until, picked.claim_order \
              ), hooks AS ({}) \
              SELECT * FROM claimed",
-            command_columns_of("c"),
+            qualified(COMMAND_COLUMNS, "c"),
             outbox_insert(Dialect::Postgres, "claimed", "clock_timestamp()")
         ))
         .bind(limit as i64)
@@ -259,7 +250,7 @@ async fn mark_finished(
                    dropped_bytes, truncated, last_seq) \
          WHERE c.id = v.id AND c.status = 'running' AND c.lease_owner = $12 RETURNING {}), \
          hooks AS ({}) SELECT * FROM changed",
-        command_columns_of("c"),
+        qualified(COMMAND_COLUMNS, "c"),
         outbox_insert(Dialect::Postgres, "changed", "clock_timestamp()")
     ))
     .bind(batch.iter().map(|i| i.id.as_uuid()).collect::<Vec<_>>())

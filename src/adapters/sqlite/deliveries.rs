@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use super::{SqliteDatabase, audit};
 use crate::adapters::sql::{
     DELIVERY_COLUMNS, Dialect, Sealing, attempt_from_row, db, delivery_from_row, outbox_insert,
-    page, translate,
+    page, qualified, translate,
 };
 use crate::domain::audit::NewAuditEvent;
 use crate::domain::ids::CommandId;
@@ -65,14 +65,6 @@ impl SqliteDeliveryQueue {
     }
 }
 
-fn delivery_columns_of(alias: &str) -> String {
-    DELIVERY_COLUMNS
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[async_trait]
 impl DeliveryQueue for SqliteDeliveryQueue {
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DueDelivery>, PortError> {
@@ -85,7 +77,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             "SELECT {}, w.url, w.secret FROM webhook_deliveries d \
              JOIN webhooks w ON w.id = d.webhook_id \
              WHERE d.status = 'pending' AND w.enabled AND julianday(d.next_attempt_at) <= julianday(",
-            delivery_columns_of("d")
+            qualified(DELIVERY_COLUMNS, "d")
         ));
         query.push_bind(now).push(")");
         if !request.skip.is_empty() {
