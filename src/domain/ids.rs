@@ -71,3 +71,12 @@ typed_id!(
     /// Identifies one audit log entry.
     AuditEventId
 );
+typed_id!(
+    /// Identifies a webhook endpoint.
+    WebhookId
+);
+typed_id!(
+    /// Identifies one delivery of one event to one endpoint; it is also the `webhook-id` header,
+    /// which stays the same across retries so receivers can drop duplicates.
+    DeliveryId
+);

@@ -9,59 +9,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::ids::ProjectId;
 use super::validation::Rule;
 
-/// Identifies a webhook endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct WebhookId(Uuid);
-
-/// Identifies one delivery of one event to one endpoint; it is also the `webhook-id` header,
-/// which stays the same across retries so receivers can drop duplicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct DeliveryId(Uuid);
-
-macro_rules! uuid_id {
-    ($name:ident) => {
-        impl $name {
-            /// A new time-ordered (UUIDv7) id.
-            pub fn new() -> Self {
-                Self(Uuid::now_v7())
-            }
-            pub fn from_uuid(uuid: Uuid) -> Self {
-                Self(uuid)
-            }
-            pub fn as_uuid(&self) -> Uuid {
-                self.0
-            }
-        }
-        impl Default for $name {
-            fn default() -> Self {
-                Self::new()
-            }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-        impl std::str::FromStr for $name {
-            type Err = uuid::Error;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Uuid::parse_str(s).map(Self)
-            }
-        }
-    };
-}
-uuid_id!(WebhookId);
-uuid_id!(DeliveryId);
+pub use super::ids::{DeliveryId, WebhookId};
 
 /// Longest accepted endpoint URL.
 pub const MAX_URL_BYTES: usize = 2048;
