@@ -91,15 +91,18 @@ async fn dispatcher_per_sec(ctx: &Ctx, url: &str, received: &AtomicU64, n: u64) 
     );
     store.webhook_endpoints().insert(&webhook, audit).await?;
     let pool = sqlx::PgPool::connect(&db.url).await?;
+    // Time-ordered ids, as the outbox writes them (`DeliveryId::new`): random ones would land
+    // every primary-key entry on a random index page.
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| DeliveryId::new().as_uuid()).collect();
     sqlx::query(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, \
          next_attempt_at, created_at) \
-         SELECT gen_random_uuid(), $1, 'command.succeeded', $2, 'pending', 0, now(), now() \
-         FROM generate_series(1, $3)",
+         SELECT id, $1, 'command.succeeded', $2, 'pending', 0, now(), now() \
+         FROM UNNEST($3::uuid[]) AS id",
     )
     .bind(webhook.id.as_uuid())
     .bind(PAYLOAD)
-    .bind(n as i64)
+    .bind(&ids)
     .execute(&pool)
     .await?;
     sqlx::query("VACUUM ANALYZE webhook_deliveries")
