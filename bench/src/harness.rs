@@ -291,6 +291,41 @@ pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
         .with_context(|| format!("{field} of {pid}"))
 }
 
+/// CPU time the whole machine has spent busy so far, all cores together (`/proc/stat`: user,
+/// nice, system, irq, softirq and steal). The difference over a measurement charges it with all
+/// it made the machine do: the server, the clients and the database alike.
+pub fn machine_busy() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("the cpu line of /proc/stat")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_micros(busy * 1_000_000 / per_sec))
+}
+
+/// CPU time this process has spent so far, user and system, all threads.
+pub fn own_busy() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given and nothing else.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
 /// Kernel memory held by TCP sockets (all of them), from /proc/net/sockstat, in KiB.
 pub fn tcp_socket_kib() -> Result<u64> {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
