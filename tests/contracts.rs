@@ -377,6 +377,7 @@ macro_rules! contract {
 contract!(
     command_events_write_deliveries_for_matching_endpoints_only,
     due_deliveries_are_leased_retried_and_logged,
+    a_late_report_does_not_undo_a_later_attempt,
     claims_bound_each_endpoint_and_skip_the_ones_asked,
     gone_disables_the_endpoint_and_its_deliveries_wait,
     redelivery_makes_a_finished_delivery_due_again,
@@ -891,6 +892,52 @@ async fn due_deliveries_are_leased_retried_and_logged(s: Stores) {
     short.lease = Duration::ZERO;
     assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
     assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
+}
+
+async fn a_late_report_does_not_undo_a_later_attempt(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "c").await;
+    // One dispatcher claims and stalls past its lease; others take the delivery over.
+    let mut short = s.claim_request(1, 1, vec![]);
+    short.lease = Duration::ZERO;
+    let stalled = s.deliveries.claim_due(&short).await.unwrap().remove(0);
+    let claim = || async {
+        let mut claimed = s
+            .deliveries
+            .claim_due(&s.claim_request(1, 1, vec![]))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        claimed.remove(0)
+    };
+    let first = claim().await;
+    let retry_at = s.clock.now() - time::Duration::hours(1);
+    s.deliveries
+        .report(&[s.report(&first, Some(500), NextStep::RetryAt(retry_at))])
+        .await
+        .unwrap();
+    let second = claim().await;
+    assert_eq!(second.delivery.attempts, 1);
+    s.deliveries
+        .report(&[s.report(&second, Some(204), NextStep::Delivered)])
+        .await
+        .unwrap();
+    // The stalled dispatcher's attempt 1 is reported last.
+    s.deliveries
+        .report(&[s.report(&stalled, None, NextStep::Failed)])
+        .await
+        .unwrap();
+    let done = s.deliveries.get(hook, stalled.delivery.id).await.unwrap();
+    assert_eq!(done.status, DeliveryStatus::Delivered);
+    assert_eq!((done.attempts, done.last_status_code), (2, Some(204)));
+    let log = s.deliveries.attempts(done.id).await.unwrap();
+    assert_eq!(
+        log.iter()
+            .map(|a| (a.number, a.status_code))
+            .collect::<Vec<_>>(),
+        [(1, Some(500)), (2, Some(204))]
+    );
 }
 
 async fn claims_bound_each_endpoint_and_skip_the_ones_asked(s: Stores) {

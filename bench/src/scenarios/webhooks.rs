@@ -236,9 +236,13 @@ async fn dispatcher_per_sec(
         delivered as u64 == n,
         "{delivered} of {n} recorded as delivered"
     );
-    let attempts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_attempts")
-        .fetch_one(&pool)
-        .await?;
+    // Each delivery's latest attempt is in its own row; earlier ones in `webhook_attempts`.
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM webhook_attempts) \
+         + (SELECT COUNT(*) FROM webhook_deliveries WHERE last_attempt_at IS NOT NULL)",
+    )
+    .fetch_one(&pool)
+    .await?;
     anyhow::ensure!(
         attempts as u64 >= n,
         "only {attempts} attempts logged for {n}"

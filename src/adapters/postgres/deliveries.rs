@@ -132,18 +132,29 @@ impl DeliveryQueue for PgDeliveryQueue {
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
         if !ids.is_empty() {
+            // The reported attempt becomes the delivery's latest, and the latest it follows
+            // joins the earlier ones in `webhook_attempts`; a report older than the latest (from
+            // a replica whose lease ran out) only joins the earlier ones. Every sub-statement
+            // reads the rows as they were before this statement.
             sqlx::query(
-            "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
-                 $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
-                 AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
-             attempts AS (INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
-                 SELECT v.id, v.attempt, v.at, v.code, v.latency, v.error FROM v \
-                 JOIN webhook_deliveries d ON d.id = v.id ON CONFLICT DO NOTHING) \
-             UPDATE webhook_deliveries d SET status = v.status, attempts = GREATEST(d.attempts, v.attempt), \
-                 next_attempt_at = v.next, leased_until = NULL, last_status_code = v.code, last_latency_ms = v.latency, \
-                 last_error = v.error, delivered_at = COALESCE(v.delivered, d.delivered_at) \
-             FROM v WHERE d.id = v.id",
-        )
+                "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
+                     $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
+                     AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
+                 earlier AS (INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
+                     SELECT d.id, d.attempts, d.last_attempt_at, d.last_status_code, \
+                            COALESCE(d.last_latency_ms, 0), d.last_error \
+                       FROM v JOIN webhook_deliveries d ON d.id = v.id \
+                      WHERE d.attempts > 0 AND d.attempts < v.attempt AND d.last_attempt_at IS NOT NULL \
+                     UNION ALL \
+                     SELECT v.id, v.attempt, v.at, v.code, v.latency, v.error \
+                       FROM v JOIN webhook_deliveries d ON d.id = v.id WHERE v.attempt < d.attempts \
+                     ON CONFLICT DO NOTHING) \
+                 UPDATE webhook_deliveries d SET status = v.status, attempts = v.attempt, \
+                     next_attempt_at = v.next, leased_until = NULL, last_attempt_at = v.at, \
+                     last_status_code = v.code, last_latency_ms = v.latency, last_error = v.error, \
+                     delivered_at = COALESCE(v.delivered, d.delivered_at) \
+                 FROM v WHERE d.id = v.id AND v.attempt >= d.attempts",
+            )
         .bind(&ids)
         .bind(&numbers)
         .bind(&ats)
@@ -237,9 +248,15 @@ impl DeliveryQueue for PgDeliveryQueue {
     }
 
     async fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, PortError> {
+        // The earlier attempts, then the latest, which the delivery's own row holds.
         let rows = sqlx::query(
             "SELECT attempt, at, status_code, latency_ms, error FROM webhook_attempts \
-             WHERE delivery_id = $1 ORDER BY attempt",
+             WHERE delivery_id = $1 \
+             UNION ALL \
+             SELECT attempts, last_attempt_at, last_status_code, COALESCE(last_latency_ms, 0), \
+                    last_error FROM webhook_deliveries \
+             WHERE id = $1 AND attempts > 0 AND last_attempt_at IS NOT NULL \
+             ORDER BY attempt",
         )
         .bind(id.as_uuid())
         .fetch_all(&self.pool)

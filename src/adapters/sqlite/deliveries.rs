@@ -168,10 +168,12 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                     (DeliveryStatus::Failed, None, None)
                 }
             };
+            // A report older than the delivery's latest attempt (from a dispatcher whose lease
+            // ran out) is logged above and changes nothing here.
             sqlx::query(
-                "UPDATE webhook_deliveries SET status = $2, attempts = MAX(attempts, $3), \
+                "UPDATE webhook_deliveries SET status = $2, attempts = $3, \
                  next_attempt_at = $4, last_status_code = $5, last_latency_ms = $6, last_error = $7, \
-                 delivered_at = COALESCE($8, delivered_at) WHERE id = $1",
+                 delivered_at = COALESCE($8, delivered_at) WHERE id = $1 AND attempts <= $3",
             )
             .bind(report.delivery.as_uuid())
             .bind(status.as_str())
