@@ -378,6 +378,7 @@ contract!(
     command_events_write_deliveries_for_matching_endpoints_only,
     due_deliveries_are_leased_retried_and_logged,
     a_late_report_does_not_undo_a_later_attempt,
+    a_late_report_of_the_same_attempt_does_not_undo_a_delivery,
     claims_bound_each_endpoint_and_skip_the_ones_asked,
     gone_disables_the_endpoint_and_its_deliveries_wait,
     redelivery_makes_a_finished_delivery_due_again,
@@ -938,6 +939,63 @@ async fn a_late_report_does_not_undo_a_later_attempt(s: Stores) {
             .collect::<Vec<_>>(),
         [(1, Some(500)), (2, Some(204))]
     );
+}
+
+async fn a_late_report_of_the_same_attempt_does_not_undo_a_delivery(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    for text in ["a", "b", "c"] {
+        s.submit(p, Priority::Normal, text).await;
+    }
+    // Each delivery is claimed twice (the first lease runs out at once), so two dispatchers
+    // send the same attempt 1 of each.
+    let mut short = s.claim_request(3, 3, vec![]);
+    short.lease = Duration::ZERO;
+    let stalled = s.deliveries.claim_due(&short).await.unwrap();
+    let taken = s
+        .deliveries
+        .claim_due(&s.claim_request(3, 3, vec![]))
+        .await
+        .unwrap();
+    assert_eq!((stalled.len(), taken.len()), (3, 3));
+    let twin = |late: &DueDelivery| {
+        taken
+            .iter()
+            .find(|t| t.delivery.id == late.delivery.id)
+            .unwrap()
+    };
+    let retry_at = s.clock.now() - time::Duration::hours(1);
+    // The first: delivered, and the stalled attempt's failure reported in a later batch.
+    s.deliveries
+        .report(&[s.report(twin(&stalled[0]), Some(204), NextStep::Delivered)])
+        .await
+        .unwrap();
+    s.deliveries
+        .report(&[s.report(&stalled[0], None, NextStep::Failed)])
+        .await
+        .unwrap();
+    // The others: both reports in one batch, the failure first and last.
+    s.deliveries
+        .report(&[
+            s.report(&stalled[1], Some(500), NextStep::RetryAt(retry_at)),
+            s.report(twin(&stalled[1]), Some(204), NextStep::Delivered),
+            s.report(twin(&stalled[2]), Some(204), NextStep::Delivered),
+            s.report(&stalled[2], None, NextStep::Failed),
+        ])
+        .await
+        .unwrap();
+    for late in &stalled {
+        let done = s.deliveries.get(hook, late.delivery.id).await.unwrap();
+        assert_eq!(done.status, DeliveryStatus::Delivered, "{done:?}");
+        assert_eq!((done.attempts, done.last_status_code), (1, Some(204)));
+        let log = s.deliveries.attempts(done.id).await.unwrap();
+        assert_eq!(
+            log.iter()
+                .map(|a| (a.number, a.status_code))
+                .collect::<Vec<_>>(),
+            [(1, Some(204))]
+        );
+    }
 }
 
 async fn claims_bound_each_endpoint_and_skip_the_ones_asked(s: Stores) {

@@ -132,28 +132,38 @@ impl DeliveryQueue for PgDeliveryQueue {
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
         if !ids.is_empty() {
-            // The reported attempt becomes the delivery's latest, and the latest it follows
-            // joins the earlier ones in `webhook_attempts`; a report older than the latest (from
-            // a replica whose lease ran out) only joins the earlier ones. Every sub-statement
-            // reads the rows as they were before this statement.
+            // Per delivery, the newest report (a delivered one first among equal numbers)
+            // becomes the latest attempt, unless the delivery is delivered already or holds a
+            // newer attempt (reports from a dispatcher whose lease ran out come late); the latest
+            // it follows moves to `webhook_attempts`, and reports that do not become the latest
+            // go there too, unless their number is the latest's. Every sub-statement reads the
+            // rows as they were before the statement; the update checks again under its lock.
             sqlx::query(
                 "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
                      $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
                      AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
+                 r AS (SELECT v.*, d.attempts AS latest, d.last_attempt_at AS latest_at, \
+                         d.last_status_code AS latest_code, d.last_latency_ms AS latest_latency, \
+                         d.last_error AS latest_error, \
+                         row_number() OVER (PARTITION BY v.id \
+                             ORDER BY v.attempt DESC, v.status = 'delivered' DESC) = 1 \
+                           AND v.attempt >= d.attempts AND d.status <> 'delivered' AS applies \
+                     FROM v JOIN webhook_deliveries d ON d.id = v.id), \
+                 top AS (SELECT id, MAX(CASE WHEN applies THEN attempt ELSE latest END) AS number \
+                     FROM r GROUP BY id), \
                  earlier AS (INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
-                     SELECT d.id, d.attempts, d.last_attempt_at, d.last_status_code, \
-                            COALESCE(d.last_latency_ms, 0), d.last_error \
-                       FROM v JOIN webhook_deliveries d ON d.id = v.id \
-                      WHERE d.attempts > 0 AND d.attempts < v.attempt AND d.last_attempt_at IS NOT NULL \
+                     SELECT id, latest, latest_at, latest_code, COALESCE(latest_latency, 0), latest_error \
+                       FROM r WHERE applies AND latest > 0 AND latest < attempt AND latest_at IS NOT NULL \
                      UNION ALL \
-                     SELECT v.id, v.attempt, v.at, v.code, v.latency, v.error \
-                       FROM v JOIN webhook_deliveries d ON d.id = v.id WHERE v.attempt < d.attempts \
+                     SELECT r.id, r.attempt, r.at, r.code, r.latency, r.error FROM r JOIN top USING (id) \
+                      WHERE NOT r.applies AND r.attempt <> top.number \
                      ON CONFLICT DO NOTHING) \
                  UPDATE webhook_deliveries d SET status = v.status, attempts = v.attempt, \
                      next_attempt_at = v.next, leased_until = NULL, last_attempt_at = v.at, \
                      last_status_code = v.code, last_latency_ms = v.latency, last_error = v.error, \
                      delivered_at = COALESCE(v.delivered, d.delivered_at) \
-                 FROM v WHERE d.id = v.id AND v.attempt >= d.attempts",
+                 FROM r v WHERE d.id = v.id AND v.applies \
+                   AND v.attempt >= d.attempts AND d.status <> 'delivered'",
             )
         .bind(&ids)
         .bind(&numbers)
@@ -248,14 +258,18 @@ impl DeliveryQueue for PgDeliveryQueue {
     }
 
     async fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, PortError> {
-        // The earlier attempts, then the latest, which the delivery's own row holds.
+        // The earlier attempts, then the latest, which the delivery's own row holds (rows
+        // reported before that column existed, or by a replica of the version before, have
+        // their latest in `webhook_attempts`).
         let rows = sqlx::query(
             "SELECT attempt, at, status_code, latency_ms, error FROM webhook_attempts \
              WHERE delivery_id = $1 \
              UNION ALL \
-             SELECT attempts, last_attempt_at, last_status_code, COALESCE(last_latency_ms, 0), \
-                    last_error FROM webhook_deliveries \
-             WHERE id = $1 AND attempts > 0 AND last_attempt_at IS NOT NULL \
+             SELECT d.attempts, d.last_attempt_at, d.last_status_code, \
+                    COALESCE(d.last_latency_ms, 0), d.last_error FROM webhook_deliveries d \
+             WHERE d.id = $1 AND d.attempts > 0 AND d.last_attempt_at IS NOT NULL \
+               AND NOT EXISTS (SELECT 1 FROM webhook_attempts a \
+                               WHERE a.delivery_id = d.id AND a.attempt = d.attempts) \
              ORDER BY attempt",
         )
         .bind(id.as_uuid())

@@ -146,11 +146,18 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                 }
                 continue;
             };
+            // A report applies unless the delivery is delivered already or holds a newer
+            // attempt (reports from a dispatcher whose lease ran out come late). Among reports
+            // of one number, the one that applies is the one the log keeps.
             sqlx::query(
                 "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
                  SELECT $1, $2, $3, $4, $5, $6 \
                  WHERE EXISTS (SELECT 1 FROM webhook_deliveries WHERE id = $1) \
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (delivery_id, attempt) DO UPDATE SET at = excluded.at, \
+                   status_code = excluded.status_code, latency_ms = excluded.latency_ms, \
+                   error = excluded.error \
+                 WHERE EXISTS (SELECT 1 FROM webhook_deliveries WHERE id = $1 \
+                               AND attempts <= $2 AND status <> 'delivered')",
             )
             .bind(report.delivery.as_uuid())
             .bind(i64::from(attempt.number))
@@ -168,12 +175,11 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                     (DeliveryStatus::Failed, None, None)
                 }
             };
-            // A report older than the delivery's latest attempt (from a dispatcher whose lease
-            // ran out) is logged above and changes nothing here.
             sqlx::query(
                 "UPDATE webhook_deliveries SET status = $2, attempts = $3, \
                  next_attempt_at = $4, last_status_code = $5, last_latency_ms = $6, last_error = $7, \
-                 delivered_at = COALESCE($8, delivered_at) WHERE id = $1 AND attempts <= $3",
+                 delivered_at = COALESCE($8, delivered_at) \
+                 WHERE id = $1 AND attempts <= $3 AND status <> 'delivered'",
             )
             .bind(report.delivery.as_uuid())
             .bind(status.as_str())
