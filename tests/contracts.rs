@@ -20,7 +20,7 @@ use rdev_api::domain::command::{
 use rdev_api::domain::ids::{ApiKeyId, CommandId, ProjectId};
 use rdev_api::domain::project::{EnvVars, ExecutorKind, Project, ProjectName, Workdir};
 use rdev_api::domain::webhook::{
-    Attempt, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret, WebhookUrl,
+    Attempt, DeliveryId, DeliveryStatus, EventFilter, Webhook, WebhookId, WebhookSecret, WebhookUrl,
 };
 use rdev_api::ports::clock::ManualClock;
 use rdev_api::ports::{
@@ -313,6 +313,20 @@ impl Stores {
             skip,
             lease: LONG,
         }
+    }
+
+    /// A claim whose lease runs out at once, as a dispatcher's that stalls right after claiming.
+    fn expiring_claim_request(&self, limit: usize) -> ClaimRequest {
+        ClaimRequest {
+            lease: Duration::ZERO,
+            ..self.claim_request(limit, limit, vec![])
+        }
+    }
+
+    /// A delivery's log as (attempt number, status code), oldest first.
+    async fn attempt_log(&self, delivery: DeliveryId) -> Vec<(u32, Option<u16>)> {
+        let log = self.deliveries.attempts(delivery).await.unwrap();
+        log.iter().map(|a| (a.number, a.status_code)).collect()
     }
 
     fn report(&self, due: &DueDelivery, code: Option<u16>, next: NextStep) -> AttemptReport {
@@ -872,11 +886,8 @@ async fn due_deliveries_are_leased_retried_and_logged(s: Stores) {
     assert_eq!(done.status, DeliveryStatus::Delivered);
     assert_eq!(done.attempts, 2);
     assert!(done.delivered_at.is_some());
-    let log = s.deliveries.attempts(due.delivery.id).await.unwrap();
     assert_eq!(
-        log.iter()
-            .map(|a| (a.number, a.status_code))
-            .collect::<Vec<_>>(),
+        s.attempt_log(due.delivery.id).await,
         [(1, Some(500)), (2, Some(204))]
     );
     assert!(
@@ -889,8 +900,7 @@ async fn due_deliveries_are_leased_retried_and_logged(s: Stores) {
 
     // A dispatcher that dies gives its claim back when the lease runs out.
     s.submit(p, Priority::Normal, "d").await;
-    let mut short = s.claim_request(10, 10, vec![]);
-    short.lease = Duration::ZERO;
+    let short = s.expiring_claim_request(10);
     assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
     assert_eq!(s.deliveries.claim_due(&short).await.unwrap().len(), 1);
 }
@@ -900,9 +910,12 @@ async fn a_late_report_does_not_undo_a_later_attempt(s: Stores) {
     let hook = s.webhook(&["command.queued"], None, true).await;
     s.submit(p, Priority::Normal, "c").await;
     // One dispatcher claims and stalls past its lease; others take the delivery over.
-    let mut short = s.claim_request(1, 1, vec![]);
-    short.lease = Duration::ZERO;
-    let stalled = s.deliveries.claim_due(&short).await.unwrap().remove(0);
+    let stalled = s
+        .deliveries
+        .claim_due(&s.expiring_claim_request(1))
+        .await
+        .unwrap()
+        .remove(0);
     let claim = || async {
         let mut claimed = s
             .deliveries
@@ -932,11 +945,8 @@ async fn a_late_report_does_not_undo_a_later_attempt(s: Stores) {
     let done = s.deliveries.get(hook, stalled.delivery.id).await.unwrap();
     assert_eq!(done.status, DeliveryStatus::Delivered);
     assert_eq!((done.attempts, done.last_status_code), (2, Some(204)));
-    let log = s.deliveries.attempts(done.id).await.unwrap();
     assert_eq!(
-        log.iter()
-            .map(|a| (a.number, a.status_code))
-            .collect::<Vec<_>>(),
+        s.attempt_log(done.id).await,
         [(1, Some(500)), (2, Some(204))]
     );
 }
@@ -949,9 +959,11 @@ async fn a_late_report_of_the_same_attempt_does_not_undo_a_delivery(s: Stores) {
     }
     // Each delivery is claimed twice (the first lease runs out at once), so two dispatchers
     // send the same attempt 1 of each.
-    let mut short = s.claim_request(3, 3, vec![]);
-    short.lease = Duration::ZERO;
-    let stalled = s.deliveries.claim_due(&short).await.unwrap();
+    let stalled = s
+        .deliveries
+        .claim_due(&s.expiring_claim_request(3))
+        .await
+        .unwrap();
     let taken = s
         .deliveries
         .claim_due(&s.claim_request(3, 3, vec![]))
@@ -988,13 +1000,7 @@ async fn a_late_report_of_the_same_attempt_does_not_undo_a_delivery(s: Stores) {
         let done = s.deliveries.get(hook, late.delivery.id).await.unwrap();
         assert_eq!(done.status, DeliveryStatus::Delivered, "{done:?}");
         assert_eq!((done.attempts, done.last_status_code), (1, Some(204)));
-        let log = s.deliveries.attempts(done.id).await.unwrap();
-        assert_eq!(
-            log.iter()
-                .map(|a| (a.number, a.status_code))
-                .collect::<Vec<_>>(),
-            [(1, Some(204))]
-        );
+        assert_eq!(s.attempt_log(done.id).await, [(1, Some(204))]);
     }
 }
 
