@@ -24,6 +24,7 @@ use crate::adapters::telemetry::{JemallocProfiler, Metrics, PprofCpuProfiler};
 use crate::adapters::webhook::{HttpWebhookSender, SenderSettings};
 use crate::config::{Config, ConfigError, RateLimitBackend, Secret};
 use crate::domain::audit::AuditKey;
+use crate::domain::project::ExecutorKind;
 use crate::domain::webhook::RetrySchedule;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
@@ -308,7 +309,14 @@ pub async fn build_with_clock(
     let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let connections: Arc<dyn ConnectionMetrics> = metrics.clone();
     let replica = replica_name();
-    let kube = connect_kube(&config, metrics.clone()).await?;
+    let kube_source = KubeSource::detect(&config.kubeconfig);
+    let executors = config.executor_settings(kube_source.is_some())?;
+    let kube = match kube_source {
+        Some(source) if executors.enabled.allows(ExecutorKind::Kube) => {
+            Some(connect_kube(&config, source, metrics.clone()).await?)
+        }
+        _ => None,
+    };
     let kube_executor: Option<Arc<dyn Executor>> = kube
         .clone()
         .map(|api| Arc::new(KubeExecutor::new(api)) as Arc<dyn Executor>);
@@ -410,18 +418,17 @@ pub async fn build_with_clock(
             Duration::from_secs(config.stream_token_ttl_secs),
         ),
     ));
-    let run_as = match &config.local_run_as {
-        Some(name) => Some(RunAs::lookup(name).map_err(StartupError::RunAs)?),
-        None => {
-            // SAFETY: geteuid has no preconditions and touches no memory.
-            if unsafe { libc::geteuid() } == 0 {
-                tracing::warn!(
-                    "running as root without RDEV_LOCAL_RUN_AS: local commands run as root and can read the database and this server's environment"
-                );
-            }
-            None
-        }
+    let local_executor: Option<Arc<dyn Executor>> = if executors.enabled.allows(ExecutorKind::Local)
+    {
+        Some(Arc::new(LocalExecutor::new(local_run_as(&config)?)))
+    } else {
+        None
     };
+    tracing::info!(
+        executors = %executors.enabled,
+        default = executors.default.as_str(),
+        "executors enabled (RDEV_EXECUTORS)"
+    );
     let workers = WorkerPool::new(
         WorkerPorts {
             queue: ports.queue,
@@ -431,7 +438,7 @@ pub async fn build_with_clock(
             work,
             clock: clock.clone(),
             metrics: command_metrics,
-            local: Arc::new(LocalExecutor::new(run_as)),
+            local: local_executor,
             kube: kube_executor,
         },
         WorkerSettings {
@@ -446,10 +453,12 @@ pub async fn build_with_clock(
         replica,
     );
 
-    let projects = Arc::new(
-        ProjectService::new(projects_repo, clock.clone(), config.executor)
-            .with_kube_available(kube.is_some()),
-    );
+    let projects = Arc::new(ProjectService::new(
+        projects_repo,
+        clock.clone(),
+        executors.enabled,
+        executors.default,
+    ));
     let pods = Arc::new(PodService::new(
         PodServicePorts {
             projects: projects.clone(),
@@ -543,18 +552,30 @@ pub async fn build_with_clock(
     })
 }
 
-/// The Kubernetes API from `KUBECONFIG` or the in-cluster service account; `None` when neither
-/// is there (kube projects are then refused). A configured but unusable source stops the start.
+/// The local executor's user: `RDEV_LOCAL_RUN_AS`, else the server's own, which operators are
+/// told about (its commands can read what the server's user can: the database file, the audit
+/// key file; the server's own memory and environment are closed to them, see
+/// [`crate::cli::protect_process`]).
+fn local_run_as(config: &Config) -> Result<Option<RunAs>, StartupError> {
+    if let Some(name) = &config.local_run_as {
+        return RunAs::lookup(name).map(Some).map_err(StartupError::RunAs);
+    }
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    tracing::warn!(
+        uid,
+        "the local executor is enabled without RDEV_LOCAL_RUN_AS: local commands run as this server's own user and can read what it can (the database file, the audit key file); set RDEV_LOCAL_RUN_AS to an unprivileged user, or RDEV_EXECUTORS=kube"
+    );
+    Ok(None)
+}
+
+/// The Kubernetes API from `KUBECONFIG` or the in-cluster service account. A configured but
+/// unusable source stops the start.
 async fn connect_kube(
     config: &Config,
+    source: KubeSource,
     metrics: Arc<Metrics>,
-) -> Result<Option<KubeApi>, StartupError> {
-    let Some(source) = KubeSource::detect(&config.kubeconfig) else {
-        tracing::info!(
-            "no Kubernetes API configured (KUBECONFIG or in-cluster): kube projects are refused"
-        );
-        return Ok(None);
-    };
+) -> Result<KubeApi, StartupError> {
     let breaker = BreakerSettings {
         failure_threshold: config.kube_breaker_failures,
         open_for: Duration::from_secs(config.kube_breaker_open_secs),
@@ -563,7 +584,7 @@ async fn connect_kube(
         .await
         .map_err(StartupError::Kube)?;
     tracing::info!(?source, "Kubernetes API configured");
-    Ok(Some(api))
+    Ok(api)
 }
 
 /// A lease owner name unique to this process.

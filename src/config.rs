@@ -14,7 +14,7 @@ use clap::Parser;
 use ipnet::IpNet;
 
 use crate::cli::{CommandsAction, KeysAction, ProjectsAction, RunArgs};
-use crate::domain::project::ExecutorKind;
+use crate::domain::project::{EnabledExecutors, ExecutorKind};
 use crate::domain::rate_limit::RateLimit;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://rdev.db";
@@ -199,9 +199,16 @@ pub struct Config {
     #[arg(long, env = "CACHE_TTL", value_name = "CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub cache_ttl: Duration,
 
-    /// Executor of projects that do not name one: `local` or `kube`.
-    #[arg(long, env = "RDEV_EXECUTOR", value_name = "RDEV_EXECUTOR", default_value = "local", value_parser = parse_executor)]
-    pub executor: ExecutorKind,
+    /// Executors this server runs commands with: `kube`, `local` or `kube,local`. A project
+    /// whose executor is not enabled is refused, and its queued commands fail. Default: `kube`
+    /// when a Kubernetes API is configured (KUBECONFIG or in-cluster), else `local`.
+    #[arg(long, env = "RDEV_EXECUTORS", value_name = "RDEV_EXECUTORS", value_parser = parse_executors)]
+    pub executors: Option<EnabledExecutors>,
+
+    /// Executor of projects that do not name one (`local` or `kube`); one of RDEV_EXECUTORS.
+    /// Default: `kube` when it is enabled, else `local`.
+    #[arg(long, env = "RDEV_EXECUTOR", value_name = "RDEV_EXECUTOR", value_parser = parse_executor)]
+    pub executor: Option<ExecutorKind>,
 
     /// Key of the audit chain (HMAC). Keep it out of the database: whoever can write the
     /// database but lacks the key cannot re-forge the chain. Unset with SQLite: generated once
@@ -414,6 +421,40 @@ impl Config {
         self.database_url.expose().starts_with("postgres")
     }
 
+    /// `RDEV_EXECUTORS` and `RDEV_EXECUTOR`, checked against whether a Kubernetes API is
+    /// configured: `kube` cannot be enabled without one, and the default must be enabled.
+    pub fn executor_settings(
+        &self,
+        kube_configured: bool,
+    ) -> Result<ExecutorSettings, ConfigError> {
+        let enabled = self
+            .executors
+            .unwrap_or(EnabledExecutors::only(if kube_configured {
+                ExecutorKind::Kube
+            } else {
+                ExecutorKind::Local
+            }));
+        if enabled.allows(ExecutorKind::Kube) && !kube_configured {
+            return Err(ConfigError {
+                variable: "RDEV_EXECUTORS",
+                message: format!(
+                    "`{enabled}` enables kube, but no Kubernetes API is configured: run in a cluster (service account) or set KUBECONFIG"
+                ),
+            });
+        }
+        let default = self.executor.unwrap_or(enabled.preferred());
+        if !enabled.allows(default) {
+            return Err(ConfigError {
+                variable: "RDEV_EXECUTOR",
+                message: format!(
+                    "`{}` is not one of the enabled executors (RDEV_EXECUTORS={enabled})",
+                    default.as_str()
+                ),
+            });
+        }
+        Ok(ExecutorSettings { enabled, default })
+    }
+
     /// The rate limit backend: the configured one, else the one that goes with the storage.
     /// Postgres counters need a Postgres database.
     pub fn rate_limit_backend(&self) -> Result<RateLimitBackend, ConfigError> {
@@ -427,6 +468,13 @@ impl Config {
             (None, false) => Ok(RateLimitBackend::Memory),
         }
     }
+}
+
+/// The executors a server runs, and the one new projects get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecutorSettings {
+    pub enabled: EnabledExecutors,
+    pub default: ExecutorKind,
 }
 
 /// Settings that parse one by one but do not fit together.
@@ -622,6 +670,10 @@ fn parse_executor(raw: &str) -> Result<ExecutorKind, String> {
     ExecutorKind::parse(raw).map_err(|rule| rule.0)
 }
 
+fn parse_executors(raw: &str) -> Result<EnabledExecutors, String> {
+    EnabledExecutors::parse(raw).map_err(|rule| rule.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,6 +831,32 @@ mod tests {
             error.to_string().contains("RDEV_RATE_LIMIT_BACKEND"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn executors_default_to_kube_with_a_kubernetes_api_and_refuse_what_cannot_run() {
+        let plain = Config::try_parse_from(["rdev-api"]).unwrap();
+        let local = plain.executor_settings(false).unwrap();
+        assert_eq!(local.enabled, EnabledExecutors::only(ExecutorKind::Local));
+        assert_eq!(local.default, ExecutorKind::Local);
+        let kube = plain.executor_settings(true).unwrap();
+        assert_eq!(kube.enabled, EnabledExecutors::only(ExecutorKind::Kube));
+        assert_eq!(kube.default, ExecutorKind::Kube);
+
+        let both = Config::try_parse_from(["rdev-api", "--executors", "kube,local"]).unwrap();
+        let error = both.executor_settings(false).unwrap_err();
+        assert_eq!(error.variable, "RDEV_EXECUTORS", "{error}");
+        assert_eq!(
+            both.executor_settings(true).unwrap().default,
+            ExecutorKind::Kube
+        );
+
+        let mismatch = Config::try_parse_from(["rdev-api", "--executor", "local"]).unwrap();
+        let error = mismatch.executor_settings(true).unwrap_err();
+        assert_eq!(error.variable, "RDEV_EXECUTOR", "{error}");
+
+        let error = Config::try_parse_from(["rdev-api", "--executors", "docker"]).unwrap_err();
+        assert!(error.to_string().contains("RDEV_EXECUTORS"), "{error}");
     }
 
     #[test]

@@ -360,6 +360,11 @@ async fn project_crud_and_validation(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&db);
     config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    // Both executors (RDEV_EXECUTORS=kube,local): the project moves from one to the other.
+    // (RDEV_EXECUTOR=local: projects naming none stay local, as before the setting existed.)
+    config.executors =
+        Some(rdev_api::domain::project::EnabledExecutors::parse("kube,local").unwrap());
+    config.executor = Some(rdev_api::domain::project::ExecutorKind::Local);
     let server = TestServer::start_with(config).await;
     let created = server
         .post(

@@ -616,3 +616,85 @@ async fn without_kubernetes_kube_projects_are_refused() {
     assert_eq!(body["type"], "urn:rdev:problem:kube-not-configured");
     server.stop().await;
 }
+
+/// `RDEV_EXECUTORS` is the operator's: a project asking for another executor is refused when
+/// written, and commands already queued for one that is no longer enabled fail saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_are_a_server_setting() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    // First the embedded default (local only), with no worker, so the command stays queued.
+    let mut config = test_config(&db);
+    config.workers = 0;
+    let local_only = TestServer::start_with(config).await;
+    let project = local_only.create_project("was-local", json!({})).await;
+    let queued = local_only
+        .submit(&project, json!({"command": "echo never"}))
+        .await;
+    local_only.stop().await;
+
+    // Then the same database behind a server with a Kubernetes API and its default: kube only.
+    let fake = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&db);
+    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    let kube_only = TestServer::start_with(config).await;
+    let failed = kube_only
+        .wait_for(&queued, Some("failed"), Duration::from_secs(20))
+        .await;
+    assert_eq!(failed["termination_reason"], "start_failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("executor `local` is not enabled on this server (RDEV_EXECUTORS)"),
+        "{failed}"
+    );
+    for refused in [
+        kube_only
+            .post(
+                "/api/v1/projects",
+                ADMIN_KEY,
+                json!({"name": "new-local", "workdir": "/tmp", "executor": "local"}),
+            )
+            .await,
+        kube_only
+            .patch(
+                &format!("/api/v1/projects/{project}"),
+                ADMIN_KEY,
+                json!({"description": "still local"}),
+            )
+            .await,
+    ] {
+        let body = problem(refused, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(body["errors"][0]["pointer"], "/executor", "{body}");
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`local` is not enabled on this server (RDEV_EXECUTORS=kube"),
+            "{body}"
+        );
+    }
+    // Without an executor named, a new project gets the enabled one.
+    let defaulted = kube_only
+        .post(
+            "/api/v1/projects",
+            ADMIN_KEY,
+            json!({"name": "defaulted", "workdir": "/",
+                   "target": {"namespace": "apps", "pod": "web-0"}}),
+        )
+        .await;
+    assert_eq!(defaulted.status(), StatusCode::CREATED);
+    let defaulted: Value = defaulted.json().await.unwrap();
+    assert_eq!(defaulted["executor"], "kube");
+    // Moving the old project onto the enabled executor is the way out.
+    let moved = kube_only
+        .patch(
+            &format!("/api/v1/projects/{project}"),
+            ADMIN_KEY,
+            json!({"executor": "kube", "target": {"namespace": "apps", "pod": "web-0"}}),
+        )
+        .await;
+    assert_eq!(moved.status(), StatusCode::OK);
+    kube_only.stop().await;
+}

@@ -40,6 +40,8 @@ async fn commands_see_none_of_the_servers_variables() {
         &[
             ("OTEL_SERVICE_NAME", "rdev-secret-otel"),
             ("KUBECONFIG", kubeconfig.path().to_str().unwrap()),
+            ("RDEV_EXECUTORS", "kube,local"),
+            ("RDEV_EXECUTOR", "local"),
             (
                 "RDEV_STREAM_TOKEN_SECRET",
                 "a-secret-the-command-must-not-see",

@@ -281,6 +281,66 @@ impl ExecutorKind {
     }
 }
 
+/// The executors a server runs commands with (`RDEV_EXECUTORS`): a server setting, so that a
+/// project can only ask for what the operator enabled. Never empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnabledExecutors {
+    kube: bool,
+    local: bool,
+}
+
+impl EnabledExecutors {
+    /// One executor alone.
+    pub fn only(kind: ExecutorKind) -> Self {
+        Self {
+            kube: kind == ExecutorKind::Kube,
+            local: kind == ExecutorKind::Local,
+        }
+    }
+
+    /// A comma-separated list: `kube`, `local`, `kube,local`.
+    pub fn parse(raw: &str) -> Result<Self, Rule> {
+        let mut enabled = Self {
+            kube: false,
+            local: false,
+        };
+        for name in raw.split(',').map(str::trim) {
+            match ExecutorKind::parse(name)? {
+                ExecutorKind::Kube => enabled.kube = true,
+                ExecutorKind::Local => enabled.local = true,
+            }
+        }
+        Ok(enabled)
+    }
+
+    pub fn allows(self, kind: ExecutorKind) -> bool {
+        match kind {
+            ExecutorKind::Kube => self.kube,
+            ExecutorKind::Local => self.local,
+        }
+    }
+
+    /// The executor of projects that name none, when the operator chose none: the pod executor
+    /// when it is enabled, since that is what the server is for.
+    pub fn preferred(self) -> ExecutorKind {
+        if self.kube {
+            ExecutorKind::Kube
+        } else {
+            ExecutorKind::Local
+        }
+    }
+}
+
+impl fmt::Display for EnabledExecutors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kube, self.local) {
+            (true, true) => f.write_str("kube,local"),
+            (true, false) => f.write_str("kube"),
+            _ => f.write_str("local"),
+        }
+    }
+}
+
 /// How the pod of a project is found: by name, or by label selector (first ready pod).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodRef {
@@ -447,6 +507,21 @@ mod tests {
         assert!(LabelSelector::parse("app.kubernetes.io/name=web".into()).is_ok());
         assert!(LabelSelector::parse("app".into()).is_err());
         assert!(LabelSelector::parse("".into()).is_err());
+    }
+
+    #[test]
+    fn enabled_executors_parse_as_a_list_and_prefer_kube() {
+        let both = EnabledExecutors::parse("kube, local").unwrap();
+        assert!(both.allows(ExecutorKind::Kube) && both.allows(ExecutorKind::Local));
+        assert_eq!(both.to_string(), "kube,local");
+        assert_eq!(both.preferred(), ExecutorKind::Kube);
+        let local = EnabledExecutors::parse("local").unwrap();
+        assert!(!local.allows(ExecutorKind::Kube));
+        assert_eq!(local.preferred(), ExecutorKind::Local);
+        assert_eq!(local, EnabledExecutors::only(ExecutorKind::Local));
+        for bad in ["", "docker", "kube,", "kube,ssh"] {
+            assert!(EnabledExecutors::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

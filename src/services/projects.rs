@@ -8,7 +8,9 @@ use crate::domain::Validation;
 use crate::domain::api_key::Scope;
 use crate::domain::audit::{NewAuditEvent, action};
 use crate::domain::ids::ProjectId;
-use crate::domain::project::{EnvVars, ExecutorKind, KubeTarget, Project, ProjectName, Workdir};
+use crate::domain::project::{
+    EnabledExecutors, EnvVars, ExecutorKind, KubeTarget, Project, ProjectName, Workdir,
+};
 use crate::ports::{Clock, ProjectRepository};
 
 use super::{Caller, ServiceError};
@@ -43,38 +45,43 @@ pub struct ProjectChanges {
 pub struct ProjectService {
     projects: Arc<dyn ProjectRepository>,
     clock: Arc<dyn Clock>,
+    /// `RDEV_EXECUTORS`: a project may only ask for these.
+    enabled: EnabledExecutors,
+    /// `RDEV_EXECUTOR`, one of `enabled`.
     default_executor: ExecutorKind,
-    /// Whether this server can reach a Kubernetes API; without one, kube projects are refused
-    /// when written rather than failing at every command.
-    kube_available: bool,
 }
 
 impl ProjectService {
     pub fn new(
         projects: Arc<dyn ProjectRepository>,
         clock: Arc<dyn Clock>,
+        enabled: EnabledExecutors,
         default_executor: ExecutorKind,
     ) -> Self {
         Self {
             projects,
             clock,
+            enabled,
             default_executor,
-            kube_available: true,
         }
     }
 
-    /// Declares whether a Kubernetes API is configured (it is assumed so by default).
-    pub fn with_kube_available(mut self, available: bool) -> Self {
-        self.kube_available = available;
-        self
-    }
-
-    fn check_executor_available(&self, project: &Project) -> Result<(), ServiceError> {
-        if project.executor == ExecutorKind::Kube && !self.kube_available {
+    /// Refuses a project whose executor the server does not run, when it is written rather
+    /// than at every command.
+    fn check_executor_enabled(&self, project: &Project) -> Result<(), ServiceError> {
+        if !self.enabled.allows(project.executor) {
             let mut v = Validation::new();
+            let how = match project.executor {
+                ExecutorKind::Kube => "; kube needs a Kubernetes API (in a cluster, or KUBECONFIG)",
+                ExecutorKind::Local => "",
+            };
             v.fail(
                 "/executor",
-                "no Kubernetes API is configured on this server: run it in a cluster (service account) or set KUBECONFIG, or use executor `local`",
+                format!(
+                    "executor `{}` is not enabled on this server (RDEV_EXECUTORS={}{how})",
+                    project.executor.as_str(),
+                    self.enabled
+                ),
             );
             v.finish()?;
         }
@@ -104,7 +111,7 @@ impl ProjectService {
             updated_at: now,
         };
         project.check_consistency()?;
-        self.check_executor_available(&project)?;
+        self.check_executor_enabled(&project)?;
         let audit = self.audit(caller, action::PROJECT_CREATED, &project);
         self.projects
             .insert(&project, audit)
@@ -159,7 +166,7 @@ impl ProjectService {
         project.executor = executor.unwrap_or(project.executor);
         project.updated_at = self.clock.now();
         project.check_consistency()?;
-        self.check_executor_available(&project)?;
+        self.check_executor_enabled(&project)?;
         let mut audit = self.audit(caller, action::PROJECT_UPDATED, &project);
         audit.details["changed"] = project.changes_since(&before).into_value();
         self.projects

@@ -48,8 +48,9 @@ pub struct WorkerPorts {
     pub work: Arc<dyn WorkSignal>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<dyn CommandMetrics>,
-    pub local: Arc<dyn Executor>,
-    /// `None` where no Kubernetes executor is configured: such projects' commands fail to start.
+    /// Each `None` where the operator did not enable it (`RDEV_EXECUTORS`): such projects'
+    /// commands fail to start, saying so.
+    pub local: Option<Arc<dyn Executor>>,
     pub kube: Option<Arc<dyn Executor>>,
 }
 
@@ -107,8 +108,8 @@ enum FinishError {
 enum StartError {
     #[error("the project is unavailable")]
     Project(#[source] PortError),
-    #[error("the {0} executor is not configured on this server")]
-    NotConfigured(&'static str),
+    #[error("executor `{0}` is not enabled on this server (RDEV_EXECUTORS)")]
+    NotEnabled(&'static str),
     #[error("the executor could not start the command")]
     Executor(#[source] PortError),
 }
@@ -501,14 +502,13 @@ impl WorkerPool {
     }
 
     fn executor_for(&self, project: &Project) -> Result<&Arc<dyn Executor>, StartError> {
-        match project.executor {
-            ExecutorKind::Local => Ok(&self.ports.local),
-            ExecutorKind::Kube => self
-                .ports
-                .kube
-                .as_ref()
-                .ok_or(StartError::NotConfigured(ExecutorKind::Kube.as_str())),
-        }
+        let executor = match project.executor {
+            ExecutorKind::Local => &self.ports.local,
+            ExecutorKind::Kube => &self.ports.kube,
+        };
+        executor
+            .as_ref()
+            .ok_or(StartError::NotEnabled(project.executor.as_str()))
     }
 
     /// Streams output until the process is done, enforcing the timeout, cancel requests, the

@@ -122,7 +122,7 @@ async fn rdev_jobs_per_sec(ctx: &Ctx, jobs: u64) -> Result<f64> {
             work: bus,
             clock: Arc::new(SystemClock),
             metrics,
-            local: Arc::new(NoopExecutor),
+            local: Some(Arc::new(NoopExecutor)),
             kube: None,
         },
         WorkerSettings {
