@@ -560,3 +560,382 @@ async fn a_cursor_naming_another_projects_command_answers_like_a_random_one() {
         server.stop().await;
     }
 }
+
+/// One request a key limited to one project makes, and what it must get.
+struct Attempt {
+    method: reqwest::Method,
+    /// The route as `/openapi.json` names it.
+    route: &'static str,
+    path: String,
+    body: Option<serde_json::Value>,
+    expected: u16,
+}
+
+fn attempt(
+    method: reqwest::Method,
+    route: &'static str,
+    path: String,
+    body: Option<serde_json::Value>,
+    expected: u16,
+) -> Attempt {
+    Attempt {
+        method,
+        route,
+        path,
+        body,
+        expected,
+    }
+}
+
+/// What reaches outside a project: every project's executor and pod, every key's powers, every
+/// webhook's destination. Read by the unrestricted admin.
+async fn reach(server: &TestServer) -> serde_json::Value {
+    let list = |path: &'static str| async move {
+        let response = server.get(path, ADMIN_KEY).await;
+        assert_eq!(response.status(), 200, "{path}");
+        response.json::<serde_json::Value>().await.unwrap()
+    };
+    let projects: Vec<_> = items(&list("/api/v1/projects").await)
+        .into_iter()
+        .map(|p| json!([p["id"], p["executor"], p["target"], p["workdir"]]))
+        .collect();
+    let keys: Vec<_> = items(&list("/api/v1/api-keys").await)
+        .into_iter()
+        .map(|k| {
+            json!([
+                k["id"],
+                k["scopes"],
+                k["project_ids"],
+                k["allowed_ips"],
+                k["revoked_at"]
+            ])
+        })
+        .collect();
+    let webhooks: Vec<_> = items(&list("/api/v1/webhooks").await)
+        .into_iter()
+        .map(|w| {
+            json!([
+                w["id"],
+                w["url"],
+                w["project_id"],
+                w["events"],
+                w["enabled"]
+            ])
+        })
+        .collect();
+    json!({"projects": projects, "keys": keys, "webhooks": webhooks})
+}
+
+/// Every route that changes something, walked with an admin key limited to one project: what
+/// would widen its reach (another executor or pod, another project, keys, webhooks) is refused,
+/// and afterwards nothing outside its project is different. A new route that changes something
+/// fails this test until it is added to the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_admin_cannot_widen_its_reach_through_any_route() {
+    use reqwest::Method;
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let fake = fake_kube::FakeKube::start().await;
+    fake.add_pod(fake_kube::PodSpec::running("team-p", "p-0"));
+    fake.add_pod(fake_kube::PodSpec::running("team-q", "q-0"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::test_config(&db);
+    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    // Both executors on, so that a refusal below is the key's, not the server's.
+    config.executors =
+        Some(rdev_api::domain::project::EnabledExecutors::parse("kube,local").unwrap());
+    config.webhook_allow_private = true;
+    let server = TestServer::start_with(config).await;
+    let kube_project = |name: &str, namespace: &str, pod: &str| {
+        json!({"name": name, "workdir": "/", "executor": "kube",
+               "target": {"namespace": namespace, "pod": pod}})
+    };
+    let create = |body: serde_json::Value| {
+        let server = &server;
+        async move {
+            let response = server.post("/api/v1/projects", ADMIN_KEY, body).await;
+            assert_eq!(response.status(), 201);
+            response.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let own = create(kube_project("own", "team-p", "p-0")).await;
+    let other = create(kube_project("other", "team-q", "q-0")).await;
+    let (limited_id, limited) = server
+        .create_key(
+            json!({"name": "limited-admin", "scopes": ["read", "execute", "admin"],
+                           "project_ids": [own]}),
+        )
+        .await;
+    let (bystander, _) = server
+        .create_key(json!({"name": "bystander", "scopes": ["read"]}))
+        .await;
+    let other_command = server.submit(&other, json!({"command": "sleep 30"})).await;
+    let own_command = server.submit(&own, json!({"command": "sleep 30"})).await;
+    let webhook = server
+        .post(
+            "/api/v1/webhooks",
+            ADMIN_KEY,
+            json!({"url": "http://127.0.0.1:9/hook", "events": ["command.succeeded"], "project_id": other}),
+        )
+        .await;
+    assert_eq!(webhook.status(), 201);
+    let webhook = webhook.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let nil = uuid::Uuid::nil();
+    let before = reach(&server).await;
+
+    let (post, patch, delete) = (Method::POST, Method::PATCH, Method::DELETE);
+    let table = vec![
+        // Projects: a new one, another executor or pod, another project.
+        attempt(
+            post.clone(),
+            "/api/v1/projects",
+            "/api/v1/projects".into(),
+            Some(json!({"name": "mine", "workdir": "/tmp", "executor": "local"})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{own}"),
+            Some(json!({"executor": "local", "workdir": "/tmp"})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{own}"),
+            Some(json!({"target": {"namespace": "team-q", "pod": "q-0"}})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{own}"),
+            Some(json!({"target": {"namespace": "team-p", "selector": "app=anything"}})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{own}"),
+            Some(json!({"target": null})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{other}"),
+            Some(json!({"description": "mine now"})),
+            404,
+        ),
+        attempt(
+            delete.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{other}"),
+            None,
+            404,
+        ),
+        // Within its own project, every other field stays its to change.
+        attempt(
+            patch.clone(),
+            "/api/v1/projects/{id}",
+            format!("/api/v1/projects/{own}"),
+            Some(json!({"description": "still mine", "max_concurrency": 2,
+                        "env": {"A": "b"}, "target": {"namespace": "team-p", "pod": "p-0"}})),
+            200,
+        ),
+        // Pods and commands of another project.
+        attempt(
+            post.clone(),
+            "/api/v1/projects/{id}/pod/restart",
+            format!("/api/v1/projects/{other}/pod/restart"),
+            None,
+            404,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/projects/{id}/commands",
+            format!("/api/v1/projects/{other}/commands"),
+            Some(json!({"command": "id"})),
+            404,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/commands/{id}/cancel",
+            format!("/api/v1/commands/{other_command}/cancel"),
+            None,
+            404,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/commands/{id}/stream-token",
+            format!("/api/v1/commands/{other_command}/stream-token"),
+            None,
+            404,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/projects/{id}/commands",
+            format!("/api/v1/projects/{own}/commands"),
+            Some(json!({"command": "id"})),
+            202,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/commands/{id}/stream-token",
+            format!("/api/v1/commands/{own_command}/stream-token"),
+            None,
+            200,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/commands/{id}/cancel",
+            format!("/api/v1/commands/{own_command}/cancel"),
+            None,
+            202,
+        ),
+        // Keys: none minted, none widened, its own included.
+        attempt(
+            post.clone(),
+            "/api/v1/api-keys",
+            "/api/v1/api-keys".into(),
+            Some(json!({"name": "wider", "scopes": ["admin"]})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/api-keys/{id}",
+            format!("/api/v1/api-keys/{limited_id}"),
+            Some(json!({"project_ids": []})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/api-keys/{id}",
+            format!("/api/v1/api-keys/{bystander}"),
+            Some(json!({"scopes": ["admin"]})),
+            403,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/api-keys/{id}/rotate",
+            format!("/api/v1/api-keys/{bystander}/rotate"),
+            None,
+            403,
+        ),
+        attempt(
+            delete.clone(),
+            "/api/v1/api-keys/{id}",
+            format!("/api/v1/api-keys/{bystander}"),
+            None,
+            403,
+        ),
+        // Webhooks: none created or pointed elsewhere, none of another project's touched.
+        attempt(
+            post.clone(),
+            "/api/v1/webhooks",
+            "/api/v1/webhooks".into(),
+            Some(json!({"url": "http://127.0.0.1:9/mine", "events": ["command.succeeded"]})),
+            403,
+        ),
+        attempt(
+            patch.clone(),
+            "/api/v1/webhooks/{id}",
+            format!("/api/v1/webhooks/{webhook}"),
+            Some(json!({"url": "http://127.0.0.1:9/mine"})),
+            403,
+        ),
+        attempt(
+            delete.clone(),
+            "/api/v1/webhooks/{id}",
+            format!("/api/v1/webhooks/{webhook}"),
+            None,
+            403,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/webhooks/{id}/rotate",
+            format!("/api/v1/webhooks/{webhook}/rotate"),
+            None,
+            403,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/webhooks/{id}/ping",
+            format!("/api/v1/webhooks/{webhook}/ping"),
+            None,
+            403,
+        ),
+        attempt(
+            post.clone(),
+            "/api/v1/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+            format!("/api/v1/webhooks/{webhook}/deliveries/{nil}/redeliver"),
+            None,
+            403,
+        ),
+    ];
+
+    // The table covers every route that is not a read.
+    let openapi = server.openapi().await;
+    let mut changing: Vec<String> = openapi["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, operations)| {
+            operations
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|method| !["get", "head", "options"].contains(&method.as_str()))
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    changing.sort();
+    let mut walked: Vec<String> = table
+        .iter()
+        .map(|a| format!("{} {}", a.method, a.route))
+        .collect();
+    walked.sort();
+    walked.dedup();
+    assert_eq!(walked, changing, "every changing route has a row here");
+
+    for attempt in &table {
+        let mut request = server
+            .client
+            .request(attempt.method.clone(), server.url(&attempt.path))
+            .bearer_auth(&limited);
+        if let Some(body) = &attempt.body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(
+            status, attempt.expected,
+            "{} {} {:?}: {text}",
+            attempt.method, attempt.path, attempt.body
+        );
+    }
+
+    assert_eq!(
+        reach(&server).await,
+        before,
+        "nothing outside its project changed"
+    );
+    server.stop().await;
+}
+
+/// The items of a listing, whether it is an array or a page.
+fn items(page: &serde_json::Value) -> Vec<serde_json::Value> {
+    match page {
+        serde_json::Value::Array(items) => items.clone(),
+        page => page["items"].as_array().cloned().unwrap_or_default(),
+    }
+}

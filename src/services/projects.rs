@@ -164,6 +164,12 @@ impl ProjectService {
         project.max_concurrency = max_concurrency.unwrap_or(project.max_concurrency);
         project.default_timeout_secs = default_timeout_secs.unwrap_or(project.default_timeout_secs);
         project.executor = executor.unwrap_or(project.executor);
+        // Another executor or pod is new reach, exactly as creating a project would be: a key
+        // limited to this project could otherwise move it onto the server itself (`local`) or
+        // into any pod the server may exec into.
+        if project.executor != before.executor || project.target != before.target {
+            caller.require_unrestricted_admin()?;
+        }
         project.updated_at = self.clock.now();
         project.check_consistency()?;
         self.check_executor_enabled(&project)?;
