@@ -121,8 +121,26 @@ fn parse_env_pair(raw: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{raw}` is not NAME=VALUE"))
 }
 
+/// Closes this process to other processes of its own user: every mode of the binary holds a
+/// secret (the server its database URL, bootstrap, audit and stream-token keys; the client its
+/// API key), and a local command runs as the server's user unless `RDEV_LOCAL_RUN_AS` says
+/// otherwise. A process that is not dumpable has its `/proc/<pid>/environ`, `mem`, `fd` and
+/// `maps` owned by root and cannot be ptraced by its user (only by root, or `CAP_SYS_PTRACE`).
+/// Commands are not affected: `execve` makes them dumpable again.
+pub fn protect_process() {
+    // SAFETY: PR_SET_DUMPABLE takes an integer and touches no memory of ours.
+    let result = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if result != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot make this process non-dumpable: processes of the same user can read its environment"
+        );
+    }
+}
+
 /// Runs one subcommand to completion and says how the process should exit.
 pub async fn main(command: CliCommand) -> ExitCode {
+    protect_process();
     match command {
         CliCommand::Serve(config) => {
             let telemetry = match telemetry::init(

@@ -115,6 +115,55 @@ async fn a_command_run_as_another_user_cannot_read_the_database_or_the_servers_e
     assert!(environ.contains("Permission denied"), "{environ}");
 }
 
+/// Without `RDEV_LOCAL_RUN_AS` a local command is the server's own user. The server is not
+/// dumpable, so even so its environment (database URL, bootstrap and audit keys) and memory
+/// stay closed to the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_of_the_servers_own_user_cannot_read_the_servers_environ() {
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        support::skipped("starting the server as another user needs a root test runner");
+        return;
+    }
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let database = db.url.trim_start_matches("sqlite://").to_owned();
+    let directory = std::path::Path::new(&database).parent().unwrap();
+    std::os::unix::fs::chown(directory, Some(NOBODY), Some(NOBODY)).unwrap();
+    let process = ServerProcess::start_configured(&db, &[], |command| {
+        command.uid(NOBODY).gid(NOBODY);
+    })
+    .await;
+    let server = &process.server;
+    let project = server
+        .create_project("same-user", json!({"workdir": "/tmp"}))
+        .await;
+    let server_pid = process.child.id().unwrap();
+
+    let (_, whoami) = run(server, &project, "id -u").await;
+    assert_eq!(
+        whoami,
+        format!("{NOBODY}\n"),
+        "the command is the server's own user"
+    );
+    for file in ["environ", "mem", "fd/0"] {
+        let (_, output) = run(
+            server,
+            &project,
+            &format!("head -c 4096 /proc/{server_pid}/{file}"),
+        )
+        .await;
+        assert!(!output.contains(ADMIN_KEY), "{file}: {output}");
+        assert!(output.contains("Permission denied"), "{file}: {output}");
+    }
+    let warned = process.logs.lock().unwrap().iter().any(|line| {
+        line.contains("without RDEV_LOCAL_RUN_AS") && line.contains("this server's own user")
+    });
+    assert!(warned, "the start-up log tells the operator");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_and_paths_add_no_metric_series() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {

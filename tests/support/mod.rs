@@ -541,6 +541,15 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> ServerProcess {
+        Self::start_configured(db, env, |_| {}).await
+    }
+
+    /// [`ServerProcess::start`], with the process command adjusted first (another user, say).
+    pub async fn start_configured(
+        db: &TestDb,
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut tokio::process::Command),
+    ) -> ServerProcess {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rdev-api"));
         command
             .env("DATABASE_URL", &db.url)
@@ -554,6 +563,7 @@ impl ServerProcess {
         for (name, value) in env {
             command.env(name, value);
         }
+        configure(&mut command);
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
