@@ -2,8 +2,9 @@
 # Offline checks of everything deployment: the kustomize overlays render and every object
 # validates against the Kubernetes schemas (kubernetes-validate, strict: unknown fields fail),
 # the Prometheus Operator objects against their CRD schemas, the alert rules with promtool (syntax
-# and unit tests in deploy/k8s/alerts.test.yaml), the Dockerfile with hadolint, the compose file
-# and the GitHub workflow against their JSON schemas, the shell scripts with shellcheck.
+# and unit tests in deploy/k8s/alerts.test.yaml), every kubectl and curl line of the runbooks
+# (deploy/check-runbooks.sh), the Dockerfile with hadolint, the compose file and the GitHub
+# workflow against their JSON schemas, the shell scripts with shellcheck.
 #
 # Needs kubectl (for `kubectl kustomize`), python3, node/npm; installs the rest (a venv, the
 # npm models, Debian's prometheus package for promtool) when missing. Run from anywhere.
@@ -113,6 +114,9 @@ PY
 cp deploy/k8s/alerts.test.yaml "$work/"
 promtool check rules "$work/rules.yaml"
 (cd "$work" && promtool test rules alerts.test.yaml)
+
+step "runbooks: every kubectl line through kubectl, every curl line reachable"
+PYTHON="$py" deploy/check-runbooks.sh
 
 step "Dockerfile (hadolint)"
 "$tools_venv/bin/hadolint" Dockerfile
