@@ -92,6 +92,30 @@ unknown = sorted((set(config) | set(secret)) - known)
 assert not unknown, f"variables the README's Configuration table does not list: {unknown}"
 print("names, port, memory limit, shutdown budget and variables as the runbooks and the server expect")
 PY
+  # runbook_url: an absolute link (the overlay's runbook-urls.yaml + the file name) whose path
+  # names a runbook that exists in docs/operations/.
+  "$py" - "$work/$overlay.yaml" <<'PY' || fail "overlays/$overlay: runbook_url"
+import os, sys, yaml
+from urllib.parse import unquote, urlsplit
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+alerts = [r for d in docs if d["kind"] == "PrometheusRule" for g in d["spec"]["groups"] for r in g["rules"] if "alert" in r]
+bases, problems = set(), []
+for rule in alerts:
+    url = (rule.get("annotations") or {}).get("runbook_url") or ""
+    parts = urlsplit(url)
+    _, found, name = unquote(parts.path).rpartition("/docs/operations/")
+    if parts.scheme != "https" or not parts.netloc:
+        problems.append(f"{rule['alert']}: runbook_url {url!r} is not an absolute https URL")
+    elif not found or "/" in name or not os.path.isfile(os.path.join("docs/operations", name)):
+        problems.append(f"{rule['alert']}: runbook_url {url} names no file in docs/operations/")
+    else:
+        bases.add(f"{parts.scheme}://{parts.netloc}{unquote(parts.path)[: -len(name)]}")
+if len(bases) > 1:
+    problems.append(f"runbook URLs from more than one base (one setting: runbook-urls.yaml): {sorted(bases)}")
+if problems or not alerts:
+    sys.exit("\n".join(problems) or "no alerts")
+print(f"{len(alerts)} alerts, each runbook_url {bases.pop()}<file> with <file> in docs/operations/")
+PY
 done
 
 step "secret.example.yaml"
@@ -101,15 +125,8 @@ git check-ignore -q deploy/k8s/secrets.yaml || fail "deploy/k8s/secrets.yaml mus
 step "alert rules (promtool)"
 "$py" - "$work/prod.yaml" "$work/rules.yaml" <<'PY'
 import sys, yaml
-import os
 rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
 yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"), sort_keys=False)
-alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
-missing = [(r["alert"], r["annotations"].get("runbook_url")) for r in alerts
-           if not os.path.isfile(r["annotations"].get("runbook_url") or "")]
-if missing:
-    sys.exit(f"alerts without a runbook file: {missing}")
-print(f"{len(alerts)} alerts, each with its runbook in docs/operations/")
 PY
 cp deploy/k8s/alerts.test.yaml "$work/"
 promtool check rules "$work/rules.yaml"
