@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Offline checks of everything deployment: the kustomize overlays render and every object
 # validates against the Kubernetes schemas (kubernetes-validate, strict: unknown fields fail),
-# the Prometheus Operator objects against their CRD schemas, the alert rules with promtool (syntax
-# and unit tests in deploy/k8s/alerts.test.yaml), every kubectl and curl line of the runbooks
-# (deploy/check-runbooks.sh), the Dockerfile with hadolint, the compose file and the GitHub
-# workflow against their JSON schemas, the shell scripts with shellcheck.
+# the Prometheus Operator and Gateway API objects against their CRD schemas, the alert rules
+# with promtool (syntax and unit tests in deploy/k8s/alerts.test.yaml), every kubectl and curl
+# line of the runbooks (deploy/check-runbooks.sh), the Dockerfile with hadolint, the compose
+# file and the GitHub workflow against their JSON schemas, the shell scripts with shellcheck.
 #
 # Needs kubectl (for `kubectl kustomize`), python3, node/npm; installs the rest (a venv, the
 # npm models, Debian's prometheus package for promtool) when missing. Run from anywhere.
@@ -31,8 +31,9 @@ if ! command -v promtool >/dev/null; then
 fi
 (cd deploy/tools && npm ci --no-audit --no-fund --silent)
 
-# Splits a rendered stream into built-in objects (for kubernetes-validate) and Prometheus
-# Operator objects (JSON, for check-crds.mjs); any other API group fails, so no kind goes unchecked.
+# Splits a rendered stream into built-in objects (for kubernetes-validate) and CRD objects of the
+# Prometheus Operator and the Gateway API (JSON, for check-crds.mjs); any other API group fails,
+# so no kind goes unchecked.
 split_rendered() {
   "$py" - "$1" "$2" "$3" <<'PY'
 import json, sys, yaml
@@ -42,7 +43,7 @@ for doc in yaml.safe_load_all(open(source)):
     if not doc:
         continue
     group = doc["apiVersion"].rpartition("/")[0]
-    if group == "monitoring.coreos.com":
+    if group in ("monitoring.coreos.com", "gateway.networking.k8s.io"):
         crds.append(doc)
     elif group in ("", "apps", "autoscaling", "policy", "networking.k8s.io", "rbac.authorization.k8s.io"):
         core.append(doc)
@@ -50,7 +51,7 @@ for doc in yaml.safe_load_all(open(source)):
         sys.exit(f"{source}: {doc['kind']} ({doc['apiVersion']}) has no schema check here")
 yaml.safe_dump_all(core, open(core_path, "w"), sort_keys=False)
 json.dump(crds, open(crd_path, "w"))
-print(f"{len(core)} built-in objects, {len(crds)} Prometheus Operator objects")
+print(f"{len(core)} built-in objects, {len(crds)} CRD objects (Prometheus Operator, Gateway API)")
 PY
 }
 
@@ -63,7 +64,7 @@ kube_validate() {
   echo "kubernetes-validate --strict: every object valid"
 }
 
-for overlay in dev prod; do
+for overlay in dev prod gateway; do
   step "kustomize overlays/$overlay"
   kubectl kustomize "deploy/k8s/overlays/$overlay" > "$work/$overlay.yaml"
   split_rendered "$work/$overlay.yaml" "$work/$overlay-core.yaml" "$work/$overlay-crds.json"
