@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Offline checks of everything deployment: the kustomize overlays render and every object
 # validates against the Kubernetes schemas (kubernetes-validate, strict: unknown fields fail),
-# the Prometheus Operator objects against their CRD schemas, the alert rules with promtool (syntax
-# and unit tests in deploy/k8s/alerts.test.yaml), the Dockerfile with hadolint, the compose file
-# and the GitHub workflow against their JSON schemas, the shell scripts with shellcheck.
+# the Prometheus Operator and Gateway API objects against their CRD schemas, the alert rules
+# with promtool (syntax and unit tests in deploy/k8s/alerts.test.yaml), every kubectl and curl
+# line of the runbooks (deploy/check-runbooks.sh), the Dockerfile with hadolint, the compose
+# file and the GitHub workflow against their JSON schemas, the shell scripts with shellcheck.
 #
 # Needs kubectl (for `kubectl kustomize`), python3, node/npm; installs the rest (a venv, the
 # npm models, Debian's prometheus package for promtool) when missing. Run from anywhere.
@@ -30,8 +31,9 @@ if ! command -v promtool >/dev/null; then
 fi
 (cd deploy/tools && npm ci --no-audit --no-fund --silent)
 
-# Splits a rendered stream into built-in objects (for kubernetes-validate) and Prometheus
-# Operator objects (JSON, for check-crds.mjs); any other API group fails, so no kind goes unchecked.
+# Splits a rendered stream into built-in objects (for kubernetes-validate) and CRD objects of the
+# Prometheus Operator and the Gateway API (JSON, for check-crds.mjs); any other API group fails,
+# so no kind goes unchecked.
 split_rendered() {
   "$py" - "$1" "$2" "$3" <<'PY'
 import json, sys, yaml
@@ -41,7 +43,7 @@ for doc in yaml.safe_load_all(open(source)):
     if not doc:
         continue
     group = doc["apiVersion"].rpartition("/")[0]
-    if group == "monitoring.coreos.com":
+    if group in ("monitoring.coreos.com", "gateway.networking.k8s.io"):
         crds.append(doc)
     elif group in ("", "apps", "autoscaling", "policy", "networking.k8s.io", "rbac.authorization.k8s.io"):
         core.append(doc)
@@ -49,7 +51,7 @@ for doc in yaml.safe_load_all(open(source)):
         sys.exit(f"{source}: {doc['kind']} ({doc['apiVersion']}) has no schema check here")
 yaml.safe_dump_all(core, open(core_path, "w"), sort_keys=False)
 json.dump(crds, open(crd_path, "w"))
-print(f"{len(core)} built-in objects, {len(crds)} Prometheus Operator objects")
+print(f"{len(core)} built-in objects, {len(crds)} CRD objects (Prometheus Operator, Gateway API)")
 PY
 }
 
@@ -62,7 +64,7 @@ kube_validate() {
   echo "kubernetes-validate --strict: every object valid"
 }
 
-for overlay in dev prod; do
+for overlay in dev prod gateway; do
   step "kustomize overlays/$overlay"
   kubectl kustomize "deploy/k8s/overlays/$overlay" > "$work/$overlay.yaml"
   split_rendered "$work/$overlay.yaml" "$work/$overlay-core.yaml" "$work/$overlay-crds.json"
@@ -91,6 +93,30 @@ unknown = sorted((set(config) | set(secret)) - known)
 assert not unknown, f"variables the README's Configuration table does not list: {unknown}"
 print("names, port, memory limit, shutdown budget and variables as the runbooks and the server expect")
 PY
+  # runbook_url: an absolute link (the overlay's runbook-urls.yaml + the file name) whose path
+  # names a runbook that exists in docs/operations/.
+  "$py" - "$work/$overlay.yaml" <<'PY' || fail "overlays/$overlay: runbook_url"
+import os, sys, yaml
+from urllib.parse import unquote, urlsplit
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+alerts = [r for d in docs if d["kind"] == "PrometheusRule" for g in d["spec"]["groups"] for r in g["rules"] if "alert" in r]
+bases, problems = set(), []
+for rule in alerts:
+    url = (rule.get("annotations") or {}).get("runbook_url") or ""
+    parts = urlsplit(url)
+    _, found, name = unquote(parts.path).rpartition("/docs/operations/")
+    if parts.scheme != "https" or not parts.netloc:
+        problems.append(f"{rule['alert']}: runbook_url {url!r} is not an absolute https URL")
+    elif not found or "/" in name or not os.path.isfile(os.path.join("docs/operations", name)):
+        problems.append(f"{rule['alert']}: runbook_url {url} names no file in docs/operations/")
+    else:
+        bases.add(f"{parts.scheme}://{parts.netloc}{unquote(parts.path)[: -len(name)]}")
+if len(bases) > 1:
+    problems.append(f"runbook URLs from more than one base (one setting: runbook-urls.yaml): {sorted(bases)}")
+if problems or not alerts:
+    sys.exit("\n".join(problems) or "no alerts")
+print(f"{len(alerts)} alerts, each runbook_url {bases.pop()}<file> with <file> in docs/operations/")
+PY
 done
 
 step "secret.example.yaml"
@@ -100,19 +126,15 @@ git check-ignore -q deploy/k8s/secrets.yaml || fail "deploy/k8s/secrets.yaml mus
 step "alert rules (promtool)"
 "$py" - "$work/prod.yaml" "$work/rules.yaml" <<'PY'
 import sys, yaml
-import os
 rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
 yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"), sort_keys=False)
-alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
-missing = [(r["alert"], r["annotations"].get("runbook_url")) for r in alerts
-           if not os.path.isfile(r["annotations"].get("runbook_url") or "")]
-if missing:
-    sys.exit(f"alerts without a runbook file: {missing}")
-print(f"{len(alerts)} alerts, each with its runbook in docs/operations/")
 PY
 cp deploy/k8s/alerts.test.yaml "$work/"
 promtool check rules "$work/rules.yaml"
 (cd "$work" && promtool test rules alerts.test.yaml)
+
+step "runbooks: every kubectl line through kubectl, every curl line reachable"
+PYTHON="$py" deploy/check-runbooks.sh
 
 step "Dockerfile (hadolint)"
 "$tools_venv/bin/hadolint" Dockerfile
