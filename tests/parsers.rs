@@ -2,13 +2,14 @@
 //! never a panic, and what they accept keeps the invariants the rest of the code relies on.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::prelude::*;
 use rdev_api::domain::Validation;
 use rdev_api::domain::api_key::{AllowedIps, PresentedKey, Scopes, loggable_prefix};
 use rdev_api::domain::command::{CommandLine, ResumePoint};
 use rdev_api::domain::project::{EnvVars, LabelSelector, ProjectName, Workdir};
+use rdev_api::domain::webhook::{WebhookUrl, forbidden_range};
 
 /// Text that is mostly near the grammar: separators, dots, NULs, non-ASCII.
 fn hostile_text() -> impl Strategy<Value = String> {
@@ -18,6 +19,41 @@ fn hostile_text() -> impl Strategy<Value = String> {
         "rdev_[A-Za-z0-9_]{0,50}",
         "/[a-z./\u{0}]{0,30}",
         "[0-9a-f:./-]{0,45}",
+    ]
+}
+
+/// IPv4 addresses, often in the ranges webhooks may not reach.
+fn ipv4_near_private_ranges() -> impl Strategy<Value = Ipv4Addr> {
+    let prefix = prop_oneof![
+        Just(vec![10]),
+        Just(vec![127]),
+        Just(vec![0]),
+        Just(vec![169, 254]),
+        Just(vec![192, 168]),
+        (16u8..32).prop_map(|b| vec![172, b]),
+        (64u8..128).prop_map(|b| vec![100, b]),
+        Just(vec![]),
+    ];
+    (prefix, any::<[u8; 4]>()).prop_map(|(prefix, mut octets)| {
+        octets[..prefix.len()].copy_from_slice(&prefix);
+        Ipv4Addr::from(octets)
+    })
+}
+
+/// The IPv6 forms that carry an IPv4 address to a translator or relay.
+fn embeddings(v4: Ipv4Addr, noise: [u16; 4]) -> Vec<(&'static str, Ipv6Addr)> {
+    let [a, b, c, d] = v4.octets();
+    let (high, low) = (u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]));
+    let [n0, n1, n2, n3] = noise;
+    vec![
+        ("mapped", v4.to_ipv6_mapped()),
+        ("NAT64", Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, high, low)),
+        ("6to4", Ipv6Addr::new(0x2002, high, low, n0, n1, n2, n3, 1)),
+        // Teredo: the client's address inverted; the server's a public one.
+        (
+            "Teredo",
+            Ipv6Addr::new(0x2001, 0, 0x0808, 0x0808, n0, n1, !high, !low),
+        ),
     ]
 }
 
@@ -94,6 +130,30 @@ proptest! {
         }
         let _ = LabelSelector::parse(raw.clone());
         let _ = Scopes::parse(&[raw]);
+    }
+
+    #[test]
+    fn ipv6_forms_of_an_ipv4_address_are_judged_as_that_address(
+        v4 in ipv4_near_private_ranges(),
+        noise in any::<[u16; 4]>(),
+    ) {
+        let refused = forbidden_range(IpAddr::V4(v4)).is_some();
+        for (form, v6) in embeddings(v4, noise) {
+            prop_assert_eq!(
+                forbidden_range(IpAddr::V6(v6)).is_some(), refused, "{} {} of {}", form, v6, v4
+            );
+            let parsed = WebhookUrl::parse(&format!("http://[{v6}]/hook"), false);
+            prop_assert_eq!(parsed.is_err(), refused, "{} {} of {}", form, v6, v4);
+        }
+    }
+
+    #[test]
+    fn site_local_and_local_use_nat64_are_refused_whole(bits in any::<u128>()) {
+        let site_local = Ipv6Addr::from((0xfec0u128 << 112) | (bits >> 10));
+        let local_nat64 = Ipv6Addr::from((0x0064_ff9b_0001u128 << 80) | (bits >> 48));
+        for v6 in [site_local, local_nat64] {
+            prop_assert!(forbidden_range(IpAddr::V6(v6)).is_some(), "{}", v6);
+        }
     }
 
     #[test]

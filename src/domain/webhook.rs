@@ -69,8 +69,11 @@ impl fmt::Display for WebhookUrl {
 }
 
 /// Names the non-public range `ip` is in (loopback, private, link-local incl. the cloud metadata
-/// address 169.254.169.254, CGNAT 100.64/10, unique-local fc00::/7, unspecified, ...), or `None`
-/// for a public address. IPv4-mapped and -compatible IPv6 addresses are judged as IPv4.
+/// address 169.254.169.254, CGNAT 100.64/10, unique-local fc00::/7, site-local fec0::/10,
+/// unspecified, ...), or `None` for a public address. IPv6 forms that carry an IPv4 address
+/// (mapped, compatible, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, Teredo `2001::/32`) are judged
+/// by that address, since a translator or relay delivers them there; the local-use NAT64
+/// prefix `64:ff9b:1::/48` is refused whole, as its embedding is the network's choice.
 pub fn forbidden_range(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
@@ -105,7 +108,13 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let first = ip.segments()[0];
+    let segments = ip.segments();
+    let first = segments[0];
+    let v4 = |high: u16, low: u16| {
+        let [a, b] = high.to_be_bytes();
+        let [c, d] = low.to_be_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    };
     if ip.is_unspecified() {
         Some("unspecified")
     } else if ip.is_loopback() {
@@ -114,17 +123,25 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("unique-local")
     } else if first & 0xffc0 == 0xfe80 {
         Some("link-local")
+    } else if first & 0xffc0 == 0xfec0 {
+        Some("site-local")
     } else if ip.is_multicast() {
         Some("reserved")
-    } else if ip.segments()[..6] == [0; 6] {
+    } else if segments[..6] == [0; 6] {
         // IPv4-compatible (::a.b.c.d), deprecated but still routed by some stacks.
-        let [.., c, d] = ip.segments();
-        forbidden_v4(Ipv4Addr::new(
-            (c >> 8) as u8,
-            c as u8,
-            (d >> 8) as u8,
-            d as u8,
-        ))
+        forbidden_v4(v4(segments[6], segments[7]))
+    } else if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        // NAT64, well-known prefix (RFC 6052): the translator connects to the IPv4 address.
+        forbidden_v4(v4(segments[6], segments[7]))
+    } else if segments[..3] == [0x64, 0xff9b, 1] {
+        Some("local-use NAT64")
+    } else if first == 0x2002 {
+        // 6to4 (RFC 3056): 2002:AABB:CCDD::/48 is relayed to AA.BB.CC.DD.
+        forbidden_v4(v4(segments[1], segments[2]))
+    } else if first == 0x2001 && segments[1] == 0 {
+        // Teredo (RFC 4380): the server's address, and the client's with every bit inverted.
+        forbidden_v4(v4(segments[2], segments[3]))
+            .or_else(|| forbidden_v4(v4(!segments[6], !segments[7])))
     } else {
         None
     }
