@@ -481,6 +481,7 @@ pub async fn build_with_clock(
             connect_timeout: Duration::from_millis(config.webhook_connect_timeout_ms),
             timeout: Duration::from_secs(config.webhook_timeout_secs),
             allow_private: config.webhook_allow_private,
+            proxy: config.webhook_proxy.clone(),
         })
         .map_err(StartupError::WebhookClient)?,
     );

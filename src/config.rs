@@ -320,6 +320,12 @@ pub struct Config {
     #[arg(long, env = "RDEV_WEBHOOK_ALLOW_PRIVATE", value_name = "RDEV_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::value_parser!(bool))]
     pub webhook_allow_private: bool,
 
+    /// An egress proxy for every webhook (`http://HOST:PORT`). The proxy resolves the hosts, so
+    /// refusing private destinations becomes its duty. The process's own HTTP_PROXY,
+    /// HTTPS_PROXY and ALL_PROXY are never used for webhooks.
+    #[arg(long, env = "RDEV_WEBHOOK_PROXY", value_name = "RDEV_WEBHOOK_PROXY", value_parser = parse_proxy_url)]
+    pub webhook_proxy: Option<url::Url>,
+
     /// Waits between webhook attempts (comma-separated durations: `5s,30s,2m`); a delivery gets
     /// one attempt more than there are waits, then fails. Each wait is jittered by +-20 %.
     #[arg(long, env = "RDEV_WEBHOOK_RETRY_SCHEDULE", value_name = "RDEV_WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',', default_value = "5s,30s,2m,10m,1h,6h", value_parser = parse_delay)]
@@ -597,6 +603,13 @@ fn parse_otlp_endpoint(raw: &str) -> Result<String, String> {
             Ok(trimmed.to_owned())
         }
         _ => Err("expected http://HOST[:PORT] (OTLP over HTTP/protobuf, without TLS)".into()),
+    }
+}
+
+fn parse_proxy_url(raw: &str) -> Result<url::Url, String> {
+    match url::Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
+        _ => Err("expected http://HOST:PORT or https://HOST:PORT".into()),
     }
 }
 

@@ -400,6 +400,7 @@ async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_secs(2),
         allow_private: false,
+        proxy: None,
     })
     .unwrap();
     for url in [
@@ -692,4 +693,111 @@ async fn endpoint_changes_are_audited_without_the_secret_and_rotation_signs_with
         assert!(!audit.contains(key), "a secret reached the audit log");
     }
     server.stop().await;
+}
+
+/// A listener that counts the connections it accepts (and answers none).
+async fn counting_listener() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+/// Behind a proxy the proxy resolves the host, and the guard would judge nothing: the proxy
+/// variables of the server's environment are not used for webhooks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_proxy_variables_do_not_carry_webhooks_past_the_guard() {
+    let db = TestDb::new(Backend::Sqlite)
+        .await
+        .expect("SQLite needs no server");
+    let (proxy, reached_proxy) = counting_listener().await;
+    let proxy_url = format!("http://{proxy}");
+    let process = ServerProcess::start(
+        &db,
+        &[
+            ("HTTP_PROXY", proxy_url.as_str()),
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("ALL_PROXY", proxy_url.as_str()),
+            ("http_proxy", proxy_url.as_str()),
+            ("RDEV_WEBHOOK_RETRY_SCHEDULE", "100ms"),
+            ("RDEV_WEBHOOK_POLL_MS", "50"),
+        ],
+    )
+    .await;
+    let server = &process.server;
+    // A documentation address passes the create-time check; no request is sent to it.
+    let (webhook, _) =
+        create_webhook(server, "http://203.0.113.7/hook", &["command.succeeded"]).await;
+    // The endpoint now leads to loopback, as a rebound name or an old row would.
+    let (receiver, reached_receiver) = counting_listener().await;
+    db.execute(&format!(
+        "UPDATE webhooks SET url = 'http://localhost:{}/hook'",
+        receiver.port()
+    ))
+    .await;
+    let ping = server
+        .post(
+            &format!("/api/v1/webhooks/{webhook}/ping"),
+            ADMIN_KEY,
+            json!({}),
+        )
+        .await;
+    assert_eq!(ping.status(), StatusCode::ACCEPTED);
+    eventually(Duration::from_secs(10), "the ping fails", || async {
+        deliveries(server, &webhook)
+            .await
+            .first()
+            .is_some_and(|d| d["status"] == "failed")
+    })
+    .await;
+    let delivery = deliveries(server, &webhook).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = delivery_log(server, &webhook, &delivery).await;
+    let error = log["attempt_log"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("loopback"), "{log}");
+    assert_eq!(
+        reached_proxy.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the proxy"
+    );
+    assert_eq!(
+        reached_receiver.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+/// `RDEV_WEBHOOK_PROXY` is the one way to send webhooks through a proxy; the guard then leaves
+/// resolving (and refusing) to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_egress_proxy_carries_every_webhook() {
+    let (proxy, reached_proxy) = counting_listener().await;
+    let sender = HttpWebhookSender::new(SenderSettings {
+        connect_timeout: Duration::from_secs(2),
+        timeout: Duration::from_millis(500),
+        allow_private: false,
+        proxy: Some(format!("http://{proxy}").parse().unwrap()),
+    })
+    .unwrap();
+    let sent = sender
+        .send(&OutgoingWebhook {
+            url: WebhookUrl::from_trusted("http://receiver.example/hook".into()),
+            id: DeliveryId::new(),
+            timestamp: 0,
+            signature: "v1,x".into(),
+            body: "{}".into(),
+            traceparent: "00-0-0-01".into(),
+        })
+        .await;
+    assert!(matches!(sent, Err(SendError::Timeout)), "{sent:?}");
+    assert_eq!(reached_proxy.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -3,6 +3,10 @@
 //! reqwest connects, so a name that resolves (or re-resolves, DNS rebinding) to a private
 //! address gets no connection; literal addresses are judged before the request. No redirects
 //! are followed, and connect and total timeouts bound every attempt.
+//!
+//! The process's proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`) are ignored: behind a
+//! proxy the proxy resolves the host, and the guard would judge nothing. An egress proxy is
+//! used only when named (`RDEV_WEBHOOK_PROXY`), and then the SSRF duty is the proxy's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -53,12 +57,15 @@ impl Resolve for GuardedResolver {
 }
 
 /// How the sender connects.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SenderSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     /// Skip the guard (`RDEV_WEBHOOK_ALLOW_PRIVATE=true`): tests and private networks.
     pub allow_private: bool,
+    /// An egress proxy every webhook goes through (`RDEV_WEBHOOK_PROXY`); it resolves the
+    /// hosts, so it must refuse private destinations itself.
+    pub proxy: Option<reqwest::Url>,
 }
 
 pub struct HttpWebhookSender {
@@ -71,6 +78,7 @@ pub struct HttpWebhookSender {
 impl HttpWebhookSender {
     pub fn new(settings: SenderSettings) -> Result<Self, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
+            .no_proxy()
             .redirect(Policy::none())
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.timeout)
@@ -79,6 +87,9 @@ impl HttpWebhookSender {
             .user_agent(concat!("rdev-api-webhooks/", env!("CARGO_PKG_VERSION")));
         if !settings.allow_private {
             builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        }
+        if let Some(proxy) = settings.proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy)?);
         }
         Ok(Self {
             client: builder.build()?,

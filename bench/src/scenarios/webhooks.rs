@@ -306,6 +306,7 @@ async fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         connect_timeout: Duration::from_secs(3),
         timeout: Duration::from_secs(10),
         allow_private: true,
+        proxy: None,
     })?);
     let unsent = Arc::new(AtomicU64::new(0));
     let (mut ours, mut anchor, mut alone) = (vec![], vec![], vec![]);
