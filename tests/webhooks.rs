@@ -776,6 +776,73 @@ async fn the_servers_proxy_variables_do_not_carry_webhooks_past_the_guard() {
     );
 }
 
+/// A receiver that answers 200 with a body that never ends.
+async fn endless_receiver() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                while stream.write_all(&chunk).await.is_ok() {
+                    counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// An endless 200 is a delivery, read no further than a few KiB: the connection is dropped
+/// and the sender returns long before its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_is_not_read() {
+    let (addr, sent) = endless_receiver().await;
+    let sender = HttpWebhookSender::new(SenderSettings {
+        connect_timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(30),
+        allow_private: true,
+        proxy: None,
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = sender
+        .send(&OutgoingWebhook {
+            url: WebhookUrl::from_trusted(format!("http://{addr}/hook")),
+            id: DeliveryId::new(),
+            timestamp: 0,
+            signature: "v1,x".into(),
+            body: "{}".into(),
+            traceparent: "00-0-0-01".into(),
+        })
+        .await;
+    assert_eq!(status.unwrap(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned in {:?}",
+        started.elapsed()
+    );
+    // The receiver stops being able to write once the connection is gone: what it sent is
+    // bounded by the socket buffers, not by the 30 s timeout.
+    let settled = sent.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        settled, later,
+        "the receiver still writes: the connection is open"
+    );
+    assert!(later < 64 * 1024 * 1024, "{later} bytes went out");
+}
+
 /// `RDEV_WEBHOOK_PROXY` is the one way to send webhooks through a proxy; the guard then leaves
 /// resolving (and refusing) to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@
 //! The process's proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`) are ignored: behind a
 //! proxy the proxy resolves the host, and the guard would judge nothing. An egress proxy is
 //! used only when named (`RDEV_WEBHOOK_PROXY`), and then the SSRF duty is the proxy's.
+//!
+//! At most [`MAX_RESPONSE_BODY`] bytes of an answer are read: a receiver that streams an
+//! endless body loses its connection instead of growing the replica's memory.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,6 +21,10 @@ use reqwest::redirect::Policy;
 
 use crate::domain::webhook::{WebhookUrl, forbidden_range};
 use crate::ports::{OutgoingWebhook, SendError, WebhookSender};
+
+/// How much of a receiver's answer is read before the connection is dropped. Enough for the
+/// usual `{"ok":true}` to be read whole, so the connection goes back to the pool.
+pub const MAX_RESPONSE_BODY: usize = 4 * 1024;
 
 /// Every address of a host was one webhooks may not reach.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +125,19 @@ impl HttpWebhookSender {
     }
 }
 
+/// Reads a small answer to its end, so the connection goes back to the pool (within the
+/// attempt's timeout), and drops a larger one unread past [`MAX_RESPONSE_BODY`], closing its
+/// connection.
+async fn discard_body(mut response: reqwest::Response) {
+    let mut read = 0;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        read += chunk.len();
+        if read > MAX_RESPONSE_BODY {
+            return;
+        }
+    }
+}
+
 /// Names what went wrong, finding the guard's refusal under reqwest's wrapping.
 fn classify(error: &reqwest::Error) -> SendError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -163,8 +183,7 @@ impl WebhookSender for HttpWebhookSender {
             .await
             .map_err(|e| classify(&e))?;
         let status = response.status().as_u16();
-        // Read (and drop) the body so the connection goes back to the pool, within the timeout.
-        let _ = response.bytes().await;
+        discard_body(response).await;
         Ok(status)
     }
 
