@@ -37,7 +37,7 @@ pub use projects::ProjectRepository;
 pub use rate_limit::RateLimiter;
 pub use secrets::SharedSecrets;
 pub use webhooks::{
-    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep,
+    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, LeaseToken, NextStep,
     OutgoingWebhook, SendError, WebhookEndpoints, WebhookSender,
 };
 

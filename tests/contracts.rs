@@ -333,6 +333,7 @@ impl Stores {
         AttemptReport {
             delivery: due.delivery.id,
             webhook: due.delivery.webhook_id,
+            lease: due.lease,
             attempt: Some(Attempt {
                 number: due.delivery.attempts + 1,
                 at: self.clock.now(),
@@ -393,6 +394,7 @@ contract!(
     due_deliveries_are_leased_retried_and_logged,
     a_late_report_does_not_undo_a_later_attempt,
     a_late_report_of_the_same_attempt_does_not_undo_a_delivery,
+    a_lost_lease_neither_reports_nor_frees_the_new_owners_claim,
     claims_bound_each_endpoint_and_skip_the_ones_asked,
     gone_disables_the_endpoint_and_its_deliveries_wait,
     redelivery_makes_a_finished_delivery_due_again,
@@ -1002,6 +1004,68 @@ async fn a_late_report_of_the_same_attempt_does_not_undo_a_delivery(s: Stores) {
         assert_eq!((done.attempts, done.last_status_code), (1, Some(204)));
         assert_eq!(s.attempt_log(done.id).await, [(1, Some(204))]);
     }
+}
+
+async fn a_lost_lease_neither_reports_nor_frees_the_new_owners_claim(s: Stores) {
+    let p = s.project("p", 5).await;
+    let hook = s.webhook(&["command.queued"], None, true).await;
+    s.submit(p, Priority::Normal, "c").await;
+    // Dispatcher A claims and stalls past its lease; B takes the delivery over and sends it.
+    let a = s
+        .deliveries
+        .claim_due(&s.expiring_claim_request(1))
+        .await
+        .unwrap()
+        .remove(0);
+    let b = s
+        .deliveries
+        .claim_due(&s.claim_request(1, 1, vec![]))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(a.delivery.id, b.delivery.id);
+    let nobody_else_sends = || async {
+        s.deliveries
+            .claim_due(&s.claim_request(10, 10, vec![]))
+            .await
+            .unwrap()
+            .is_empty()
+    };
+    assert!(nobody_else_sends().await);
+    // A's endpoint circuit was open: it postpones, which must not free B's claim.
+    let past = s.clock.now() - time::Duration::hours(1);
+    let postponed = AttemptReport {
+        attempt: None,
+        ..s.report(&a, None, NextStep::RetryAt(past))
+    };
+    s.deliveries.report(&[postponed]).await.unwrap();
+    assert!(
+        nobody_else_sends().await,
+        "a postponed report freed another's claim"
+    );
+    // Nor does a redelivery asked for while B sends.
+    s.deliveries.redeliver(hook, a.delivery.id).await.unwrap();
+    assert!(nobody_else_sends().await, "a redelivery freed a live claim");
+    // A's attempt 1 has the number B's has: it changes nothing and is not logged.
+    s.deliveries
+        .report(&[s.report(&a, Some(500), NextStep::RetryAt(past))])
+        .await
+        .unwrap();
+    let waiting = s.deliveries.get(hook, a.delivery.id).await.unwrap();
+    assert_eq!(
+        (waiting.status, waiting.attempts),
+        (DeliveryStatus::Pending, 0)
+    );
+    assert!(s.attempt_log(a.delivery.id).await.is_empty());
+    assert!(nobody_else_sends().await);
+    // B's report is the one that counts.
+    s.deliveries
+        .report(&[s.report(&b, Some(204), NextStep::Delivered)])
+        .await
+        .unwrap();
+    let done = s.deliveries.get(hook, a.delivery.id).await.unwrap();
+    assert_eq!((done.status, done.attempts), (DeliveryStatus::Delivered, 1));
+    assert_eq!(s.attempt_log(done.id).await, [(1, Some(204))]);
 }
 
 async fn claims_bound_each_endpoint_and_skip_the_ones_asked(s: Stores) {

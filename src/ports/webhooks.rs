@@ -24,12 +24,40 @@ pub trait WebhookEndpoints: Send + Sync {
     async fn list(&self) -> Result<Vec<Webhook>, PortError>;
 }
 
+/// Names one claim of a delivery. A report carries it back, and applies only while it is the
+/// delivery's latest claim: once a lease ran out and another dispatcher claimed the delivery,
+/// the first one's reports change nothing, so no two dispatchers ever own one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseToken(uuid::Uuid);
+
+impl LeaseToken {
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+
+    pub fn from_uuid(uuid: uuid::Uuid) -> Self {
+        Self(uuid)
+    }
+
+    pub fn as_uuid(self) -> uuid::Uuid {
+        self.0
+    }
+}
+
+impl Default for LeaseToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A due delivery handed to a dispatcher, with what it needs to send it.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
     pub delivery: Delivery,
     pub url: WebhookUrl,
     pub secret: WebhookSecret,
+    /// This claim, for the report.
+    pub lease: LeaseToken,
 }
 
 /// Which due deliveries a dispatcher takes.
@@ -52,6 +80,8 @@ pub struct ClaimRequest {
 pub struct AttemptReport {
     pub delivery: DeliveryId,
     pub webhook: WebhookId,
+    /// The claim it reports on ([`DueDelivery::lease`]).
+    pub lease: LeaseToken,
     /// `None` when it was not sent (its endpoint's circuit was open): nothing is logged and its
     /// attempt count stays, it only waits until `next` says.
     pub attempt: Option<Attempt>,
@@ -83,7 +113,9 @@ pub struct DeliveryFilter {
 pub trait DeliveryQueue: Send + Sync {
     /// Takes due pending deliveries of enabled endpoints, oldest due first, leasing them.
     async fn claim_due(&self, request: &ClaimRequest) -> Result<Vec<DueDelivery>, PortError>;
-    /// Records attempts and their consequences, in one transaction.
+    /// Records attempts and their consequences, in one transaction. A report whose claim is
+    /// no longer the delivery's latest (its lease ran out and another dispatcher claimed it)
+    /// changes nothing and is not logged.
     async fn report(&self, reports: &[AttemptReport]) -> Result<(), PortError>;
     /// Queues a delivery outside the command events (a ping), due at once.
     async fn enqueue(&self, delivery: &Delivery) -> Result<(), PortError>;
@@ -91,7 +123,8 @@ pub trait DeliveryQueue: Send + Sync {
     async fn list(&self, filter: &DeliveryFilter) -> Result<Page<Delivery>, PortError>;
     /// Every recorded attempt of a delivery, oldest first.
     async fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, PortError>;
-    /// Makes a delivery pending and due at once again, whatever became of it.
+    /// Makes a delivery pending and due at once again, whatever became of it. A live lease is
+    /// left as it is: the attempt under way reports first, and only then is it claimed again.
     async fn redeliver(&self, webhook: WebhookId, id: DeliveryId) -> Result<Delivery, PortError>;
 }
 

@@ -215,6 +215,7 @@ impl Dispatcher {
             delivery,
             url,
             secret,
+            lease,
         } = due;
         let _slot = endpoint.slots.acquire().await.expect("never closed");
         let _sending = sending.acquire().await.expect("never closed");
@@ -249,6 +250,7 @@ impl Dispatcher {
                 return AttemptReport {
                     delivery: delivery.id,
                     webhook: delivery.webhook_id,
+                    lease,
                     attempt: None,
                     next: NextStep::RetryAt(now + Duration::from_secs(open.retry_in_secs)),
                 };
@@ -303,6 +305,7 @@ impl Dispatcher {
         AttemptReport {
             delivery: delivery.id,
             webhook: delivery.webhook_id,
+            lease,
             attempt: Some(Attempt {
                 number,
                 at: now,

@@ -1,7 +1,11 @@
 //! [`PgDeliveryQueue`]: the webhook outbox on Postgres. The command units write deliveries in
 //! their own statements (see `outbox_insert`); dispatchers on every replica claim due ones with
 //! `FOR UPDATE SKIP LOCKED` under a lease (`leased_until`, on the database's clock), so a
-//! replica that dies mid-attempt gives its claims back when the lease runs out.
+//! replica that dies mid-attempt gives its claims back when the lease runs out. Each claim
+//! writes a token (`lease_token`) that its report must carry: a late report of a claim that
+//! was taken over changes nothing. The SQLite twin, `sqlite/deliveries.rs`, keeps the same
+//! rules; the contract tests (`tests/contracts.rs`, the `a_late_report_*` and
+//! `a_lost_lease_*` ones) pin them together.
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Row};
@@ -18,8 +22,8 @@ use crate::domain::webhook::{
     Attempt, Delivery, DeliveryId, DeliveryStatus, WebhookId, WebhookSecret, WebhookUrl,
 };
 use crate::ports::{
-    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep, Page,
-    PortError,
+    AttemptReport, ClaimRequest, DeliveryFilter, DeliveryQueue, DueDelivery, LeaseToken, NextStep,
+    Page, PortError,
 };
 
 pub struct PgDeliveryQueue {
@@ -44,6 +48,7 @@ impl DeliveryQueue for PgDeliveryQueue {
             return Ok(vec![]);
         }
         let skip: Vec<Uuid> = request.skip.iter().map(WebhookId::as_uuid).collect();
+        let lease = LeaseToken::new();
         let rows = sqlx::query(&format!(
             "WITH due AS ( \
                  SELECT d.id, d.webhook_id, d.next_attempt_at FROM webhook_deliveries d \
@@ -60,7 +65,8 @@ impl DeliveryQueue for PgDeliveryQueue {
                  WHERE nth <= $3 ORDER BY next_attempt_at LIMIT $4 \
              ) \
              UPDATE webhook_deliveries d \
-             SET leased_until = clock_timestamp() + make_interval(secs => $5::double precision / 1e6) \
+             SET leased_until = clock_timestamp() + make_interval(secs => $5::double precision / 1e6), \
+                 lease_token = $6 \
              FROM picked, webhooks w WHERE d.id = picked.id AND w.id = d.webhook_id \
              RETURNING {}, w.url, w.secret",
             qualified(DELIVERY_COLUMNS, "d")
@@ -70,6 +76,7 @@ impl DeliveryQueue for PgDeliveryQueue {
         .bind(i64::try_from(request.per_endpoint).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
         .bind(i64::try_from(request.lease.as_micros()).unwrap_or(i64::MAX))
+        .bind(lease.as_uuid())
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -81,6 +88,7 @@ impl DeliveryQueue for PgDeliveryQueue {
                     delivery: delivery_from_row(row)?,
                     url: WebhookUrl::from_trusted(url),
                     secret: WebhookSecret::parse(secret).map_err(PortError::backend)?,
+                    lease,
                 })
             })
             .collect()
@@ -91,6 +99,7 @@ impl DeliveryQueue for PgDeliveryQueue {
             return Ok(());
         }
         let mut ids = Vec::with_capacity(reports.len());
+        let mut leases = Vec::with_capacity(reports.len());
         let mut numbers = Vec::with_capacity(reports.len());
         let mut ats = Vec::with_capacity(reports.len());
         let mut codes = Vec::with_capacity(reports.len());
@@ -101,16 +110,19 @@ impl DeliveryQueue for PgDeliveryQueue {
         let mut delivered = Vec::with_capacity(reports.len());
         let mut disable = Vec::new();
         let mut events = Vec::new();
-        let (mut postponed, mut postponed_to) = (Vec::new(), Vec::new());
+        let (mut postponed, mut postponed_to, mut postponed_lease) =
+            (Vec::new(), Vec::new(), Vec::new());
         for report in reports {
             let Some(attempt) = &report.attempt else {
                 if let NextStep::RetryAt(at) = &report.next {
                     postponed.push(report.delivery.as_uuid());
                     postponed_to.push(*at);
+                    postponed_lease.push(report.lease.as_uuid());
                 }
                 continue;
             };
             ids.push(report.delivery.as_uuid());
+            leases.push(report.lease.as_uuid());
             numbers.push(i64::from(attempt.number));
             ats.push(attempt.at);
             codes.push(attempt.status_code.map(i64::from));
@@ -132,22 +144,26 @@ impl DeliveryQueue for PgDeliveryQueue {
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
         if !ids.is_empty() {
-            // Per delivery, the newest report (a delivered one first among equal numbers)
-            // becomes the latest attempt, unless the delivery is delivered already or holds a
-            // newer attempt (reports from a dispatcher whose lease ran out come late); the latest
-            // it follows moves to `webhook_attempts`, and reports that do not become the latest
-            // go there too, unless their number is the latest's. Every sub-statement reads the
-            // rows as they were before the statement; the update checks again under its lock.
+            // Per delivery, the newest report of its latest claim (a delivered one first among
+            // equal numbers) becomes the latest attempt, unless the delivery is delivered
+            // already or holds a newer attempt; the latest it follows moves to
+            // `webhook_attempts`, and other reports of that claim go there too, unless their
+            // number is the latest's. Reports of an earlier claim (a dispatcher whose lease ran
+            // out and was taken over) write nothing. Every sub-statement reads the rows as they
+            // were before the statement; the update checks again under its lock.
             sqlx::query(
                 "WITH v AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[], \
-                     $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[]) \
-                     AS v(id, attempt, at, code, latency, error, status, next, delivered)), \
+                     $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], \
+                     $10::uuid[]) \
+                     AS v(id, attempt, at, code, latency, error, status, next, delivered, lease)), \
                  r AS (SELECT v.*, d.attempts AS latest, d.last_attempt_at AS latest_at, \
+                         d.lease_token = v.lease AS holder, \
                          d.last_status_code AS latest_code, d.last_latency_ms AS latest_latency, \
                          d.last_error AS latest_error, \
                          row_number() OVER (PARTITION BY v.id \
                              ORDER BY v.attempt DESC, v.status = 'delivered' DESC) = 1 \
-                           AND v.attempt >= d.attempts AND d.status <> 'delivered' AS applies \
+                           AND v.attempt >= d.attempts AND d.status <> 'delivered' \
+                           AND d.lease_token = v.lease AS applies \
                      FROM v JOIN webhook_deliveries d ON d.id = v.id), \
                  top AS (SELECT id, MAX(CASE WHEN applies THEN attempt ELSE latest END) AS number \
                      FROM r GROUP BY id), \
@@ -156,14 +172,15 @@ impl DeliveryQueue for PgDeliveryQueue {
                        FROM r WHERE applies AND latest > 0 AND latest < attempt AND latest_at IS NOT NULL \
                      UNION ALL \
                      SELECT r.id, r.attempt, r.at, r.code, r.latency, r.error FROM r JOIN top USING (id) \
-                      WHERE NOT r.applies AND r.attempt <> top.number \
+                      WHERE NOT r.applies AND r.holder AND r.attempt <> top.number \
                      ON CONFLICT DO NOTHING) \
                  UPDATE webhook_deliveries d SET status = v.status, attempts = v.attempt, \
                      next_attempt_at = v.next, leased_until = NULL, last_attempt_at = v.at, \
                      last_status_code = v.code, last_latency_ms = v.latency, last_error = v.error, \
                      delivered_at = COALESCE(v.delivered, d.delivered_at) \
                  FROM r v WHERE d.id = v.id AND v.applies \
-                   AND v.attempt >= d.attempts AND d.status <> 'delivered'",
+                   AND v.attempt >= d.attempts AND d.status <> 'delivered' \
+                   AND d.lease_token = v.lease",
             )
         .bind(&ids)
         .bind(&numbers)
@@ -174,6 +191,7 @@ impl DeliveryQueue for PgDeliveryQueue {
         .bind(&statuses)
         .bind(&nexts)
         .bind(&delivered)
+        .bind(&leases)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -181,11 +199,13 @@ impl DeliveryQueue for PgDeliveryQueue {
         if !postponed.is_empty() {
             sqlx::query(
                 "UPDATE webhook_deliveries d SET next_attempt_at = v.next, leased_until = NULL \
-                 FROM UNNEST($1::uuid[], $2::timestamptz[]) AS v(id, next) \
-                 WHERE d.id = v.id AND d.status = 'pending'",
+                 FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[]) AS v(id, next, lease) \
+                 WHERE d.id = v.id AND d.status = 'pending' \
+                   AND d.lease_token = v.lease",
             )
             .bind(&postponed)
             .bind(&postponed_to)
+            .bind(&postponed_lease)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -282,7 +302,7 @@ impl DeliveryQueue for PgDeliveryQueue {
     async fn redeliver(&self, webhook: WebhookId, id: DeliveryId) -> Result<Delivery, PortError> {
         let row = sqlx::query(&format!(
             "UPDATE webhook_deliveries \
-             SET status = 'pending', next_attempt_at = clock_timestamp(), leased_until = NULL \
+             SET status = 'pending', next_attempt_at = clock_timestamp() \
              WHERE id = $1 AND webhook_id = $2 RETURNING {DELIVERY_COLUMNS}"
         ))
         .bind(id.as_uuid())

@@ -1,7 +1,11 @@
 //! [`SqliteDeliveryQueue`]: the webhook outbox on SQLite. The command units write deliveries with
 //! [`write_outbox`] inside their transactions; dispatchers claim due ones on the writer
-//! connection (claims are serialised there, so no row locks are needed) under a lease that moves
-//! `next_attempt_at` forward, so a dispatcher that dies gives its claims back when it runs out.
+//! connection (claims are serialised there, so no row locks are needed) under a lease
+//! (`leased_until`), so a dispatcher that dies gives its claims back when it runs out. Each
+//! claim writes a token (`lease_token`) that its report must carry: a late report of a claim
+//! that was taken over changes nothing. The Postgres twin, `postgres/deliveries.rs`, keeps the
+//! same rules; the contract tests (`tests/contracts.rs`, the `a_late_report_*` and
+//! `a_lost_lease_*` ones) pin them together.
 //! SQLite's date functions keep milliseconds only, so rows of one millisecond are ordered by
 //! `rowid` (insertion order).
 
@@ -23,8 +27,8 @@ use crate::domain::webhook::{
     Attempt, Delivery, DeliveryId, DeliveryStatus, WebhookId, WebhookSecret, WebhookUrl,
 };
 use crate::ports::{
-    AttemptReport, ClaimRequest, Clock, DeliveryFilter, DeliveryQueue, DueDelivery, NextStep, Page,
-    PortError,
+    AttemptReport, ClaimRequest, Clock, DeliveryFilter, DeliveryQueue, DueDelivery, LeaseToken,
+    NextStep, Page, PortError,
 };
 
 /// Writes the deliveries of `commands`' new states (one per matching endpoint) inside the
@@ -79,7 +83,11 @@ impl DeliveryQueue for SqliteDeliveryQueue {
              WHERE d.status = 'pending' AND w.enabled AND julianday(d.next_attempt_at) <= julianday(",
             qualified(DELIVERY_COLUMNS, "d")
         ));
-        query.push_bind(now).push(")");
+        query
+            .push_bind(now)
+            .push(") AND (d.leased_until IS NULL OR julianday(d.leased_until) <= julianday(")
+            .push_bind(now)
+            .push("))");
         if !request.skip.is_empty() {
             query.push(" AND d.webhook_id NOT IN (");
             let mut ids = query.separated(", ");
@@ -92,6 +100,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .push(" ORDER BY julianday(d.next_attempt_at), d.rowid LIMIT ")
             .push_bind(i64::try_from(request.limit.saturating_mul(4)).unwrap_or(i64::MAX));
         let rows = query.build().fetch_all(&mut *tx).await.map_err(db)?;
+        let lease = LeaseToken::new();
         let mut per_endpoint: HashMap<WebhookId, usize> = HashMap::new();
         let mut due = Vec::new();
         for row in &rows {
@@ -107,6 +116,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                 delivery,
                 url: WebhookUrl::from_trusted(url),
                 secret: WebhookSecret::parse(secret).map_err(PortError::backend)?,
+                lease,
             });
             if due.len() == request.limit {
                 break;
@@ -114,12 +124,15 @@ impl DeliveryQueue for SqliteDeliveryQueue {
         }
         let lease_until = now + request.lease;
         for item in &due {
-            sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = $2 WHERE id = $1")
-                .bind(item.delivery.id.as_uuid())
-                .bind(lease_until)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+            sqlx::query(
+                "UPDATE webhook_deliveries SET leased_until = $2, lease_token = $3 WHERE id = $1",
+            )
+            .bind(item.delivery.id.as_uuid())
+            .bind(lease_until)
+            .bind(lease.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         Ok(due)
@@ -135,24 +148,26 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             let Some(attempt) = &report.attempt else {
                 if let NextStep::RetryAt(at) = &report.next {
                     sqlx::query(
-                        "UPDATE webhook_deliveries SET next_attempt_at = $2 \
-                         WHERE id = $1 AND status = 'pending'",
+                        "UPDATE webhook_deliveries SET next_attempt_at = $2, leased_until = NULL \
+                         WHERE id = $1 AND status = 'pending' AND lease_token = $3",
                     )
                     .bind(report.delivery.as_uuid())
                     .bind(at)
+                    .bind(report.lease.as_uuid())
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
                 }
                 continue;
             };
-            // A report applies unless the delivery is delivered already or holds a newer
-            // attempt (reports from a dispatcher whose lease ran out come late). Among reports
-            // of one number, the one that applies is the one the log keeps.
+            // A report of the delivery's latest claim applies unless the delivery is delivered
+            // already or holds a newer attempt; one of an earlier claim (its lease ran out and
+            // another dispatcher took the delivery over) writes nothing. Among reports of one
+            // number, the one that applies is the one the log keeps.
             sqlx::query(
                 "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error) \
                  SELECT $1, $2, $3, $4, $5, $6 \
-                 WHERE EXISTS (SELECT 1 FROM webhook_deliveries WHERE id = $1) \
+                 WHERE EXISTS (SELECT 1 FROM webhook_deliveries WHERE id = $1 AND lease_token = $7) \
                  ON CONFLICT (delivery_id, attempt) DO UPDATE SET at = excluded.at, \
                    status_code = excluded.status_code, latency_ms = excluded.latency_ms, \
                    error = excluded.error \
@@ -165,6 +180,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .bind(attempt.status_code.map(i64::from))
             .bind(i64::try_from(attempt.latency_ms).unwrap_or(i64::MAX))
             .bind(attempt.error.as_deref())
+            .bind(report.lease.as_uuid())
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -177,9 +193,9 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             };
             sqlx::query(
                 "UPDATE webhook_deliveries SET status = $2, attempts = $3, \
-                 next_attempt_at = $4, last_status_code = $5, last_latency_ms = $6, last_error = $7, \
-                 delivered_at = COALESCE($8, delivered_at) \
-                 WHERE id = $1 AND attempts <= $3 AND status <> 'delivered'",
+                 next_attempt_at = $4, leased_until = NULL, last_status_code = $5, \
+                 last_latency_ms = $6, last_error = $7, delivered_at = COALESCE($8, delivered_at) \
+                 WHERE id = $1 AND attempts <= $3 AND status <> 'delivered' AND lease_token = $9",
             )
             .bind(report.delivery.as_uuid())
             .bind(status.as_str())
@@ -189,6 +205,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .bind(i64::try_from(attempt.latency_ms).unwrap_or(i64::MAX))
             .bind(attempt.error.as_deref())
             .bind(delivered)
+            .bind(report.lease.as_uuid())
             .execute(&mut *tx)
             .await
             .map_err(db)?;
