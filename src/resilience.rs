@@ -1,7 +1,8 @@
 //! A circuit breaker: after `failure_threshold` consecutive failures of a backend, calls fail
 //! fast for `open_for`; then one probe call is let through, and its result closes the breaker
 //! or opens it again. It keeps a struggling backend (the Kubernetes API) from being hammered
-//! and callers from waiting on timeouts they could have been spared.
+//! and callers from waiting on timeouts they could have been spared. Beside it, [`Backoff`]:
+//! the waits between the tries of a call worth repeating.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,21 @@ use crate::ports::{CircuitMetrics, CircuitState};
 pub struct BreakerSettings {
     pub failure_threshold: u32,
     pub open_for: Duration,
+}
+
+/// Exponential waits between tries: `first`, then doubling, never more than `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait after the `failures`-th failed try (1 for the first).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.first.saturating_mul(1 << doublings).min(self.max)
+    }
 }
 
 /// A call refused because the breaker is open.
@@ -242,5 +258,18 @@ mod tests {
             *metrics.0.lock().unwrap(),
             [Closed, Open, HalfOpen, Open, HalfOpen, Closed]
         );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_ceiling() {
+        let backoff = Backoff {
+            first: Duration::from_millis(500),
+            max: Duration::from_secs(5),
+        };
+        let delays: Vec<u64> = (1..=6)
+            .map(|n| backoff.delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(5));
     }
 }

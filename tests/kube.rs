@@ -28,6 +28,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(backend: Backend) -> Option<Cluster> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// A cluster whose server's settings are adjusted first.
+    async fn start_with(
+        backend: Backend,
+        adjust: impl FnOnce(&mut rdev_api::config::Config),
+    ) -> Option<Cluster> {
         let db = TestDb::new(backend).await?;
         let fake = FakeKube::start().await;
         let dir = tempfile::tempdir().unwrap();
@@ -36,6 +44,7 @@ impl Cluster {
         config.kube_breaker_failures = 3;
         config.kube_breaker_open_secs = 1;
         config.pod_restart_wait_secs = 10;
+        adjust(&mut config);
         let server = TestServer::start_with(config).await;
         Some(Cluster {
             fake,
@@ -697,4 +706,114 @@ async fn executors_are_a_server_setting() {
         .await;
     assert_eq!(moved.status(), StatusCode::OK);
     kube_only.stop().await;
+}
+
+/// Stopping a command is an exec that can fail like any other call. A failed stop is tried
+/// again with backoff (and at once on a repeated cancel) until the group is gone; a stop that
+/// never works gives the command up as `lost` after the kill grace and a lease, which frees
+/// its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_fails_is_retried_and_one_that_never_works_ends_lost() {
+    let cluster = Cluster::start_with(Backend::Sqlite, |config| {
+        config.lease_secs = 5;
+        // Failed stops must not open the breaker for the rest of the test.
+        config.kube_breaker_failures = 100;
+    })
+    .await
+    .unwrap();
+    cluster.fake.add_pod(PodSpec::running("apps", "web-0"));
+    let project = cluster
+        .server
+        .create_project(
+            "stops",
+            json!({"executor": "kube", "target": {"namespace": "apps", "pod": "web-0"},
+                   "max_concurrency": 1}),
+        )
+        .await;
+    let server = &cluster.server;
+    let cancel = |id: String| async move {
+        let response = server
+            .post(
+                &format!("/api/v1/commands/{id}/cancel"),
+                ADMIN_KEY,
+                json!({}),
+            )
+            .await;
+        assert!(response.status().is_success(), "{}", response.status());
+    };
+
+    // The first two stopping execs fail (500); the third stops the group.
+    cluster.fake.fail_execs("kill -TERM", 2);
+    let retried = server
+        .submit(&project, json!({"command": "echo started; sleep 300"}))
+        .await;
+    wait_for_output(server, &retried, "started").await;
+    cancel(retried.clone()).await;
+    let command = server
+        .wait_for(&retried, None, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        (
+            command["status"].as_str(),
+            command["termination_reason"].as_str()
+        ),
+        (Some("cancelled"), Some("cancel")),
+        "{command}"
+    );
+    assert_eq!(
+        cluster.fake.failed_execs(),
+        2,
+        "two failed stops before the third"
+    );
+    cluster
+        .no_remote_processes_within(Duration::from_secs(10))
+        .await;
+
+    // No stop works: a repeated cancel tries again at once, and the command ends `lost` after
+    // the kill grace (1 s) and a lease (5 s).
+    cluster.fake.fail_execs("kill -TERM", 1000);
+    let stuck = server
+        .submit(&project, json!({"command": "echo started; sleep 300"}))
+        .await;
+    wait_for_output(server, &stuck, "started").await;
+    let cancelled_at = std::time::Instant::now();
+    cancel(stuck.clone()).await;
+    // Failed tries at about 0, 0.5, 1.5 and 3.5 s; the next would be at 7.5 s.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let before = cluster.fake.failed_execs();
+    cancel(stuck.clone()).await;
+    support::eventually(
+        Duration::from_millis(1500),
+        "a repeated cancel tries at once",
+        || async { cluster.fake.failed_execs() > before },
+    )
+    .await;
+    let command = server.wait_for(&stuck, None, Duration::from_secs(30)).await;
+    let waited = cancelled_at.elapsed();
+    assert_eq!(
+        (
+            command["status"].as_str(),
+            command["termination_reason"].as_str()
+        ),
+        (Some("lost"), Some("lost")),
+        "{command}"
+    );
+    let error = command["error"].as_str().unwrap();
+    assert!(
+        error.contains("did not end within 6s of being stopped (cancel)"),
+        "{error}"
+    );
+    assert!(error.contains("fake-kube"), "the stop's own error: {error}");
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+
+    // Its slot is free: the project's one slot runs the next command.
+    let next = server
+        .submit(&project, json!({"command": "echo next"}))
+        .await;
+    let command = server.wait_for(&next, None, Duration::from_secs(30)).await;
+    assert_eq!(command["status"], "succeeded", "{command}");
+    cluster.server.stop().await;
 }

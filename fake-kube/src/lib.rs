@@ -198,6 +198,9 @@ struct Inner {
     execs: AtomicU64,
     /// How long a recreated pod takes to become ready.
     ready_delay: Mutex<Duration>,
+    /// Execs whose command contains the text are answered 500 this many more times.
+    failing_execs: Mutex<Vec<(String, u32)>>,
+    failed_execs: AtomicU64,
     address: SocketAddr,
 }
 
@@ -222,6 +225,8 @@ impl FakeKube {
             requests: AtomicU64::new(0),
             execs: AtomicU64::new(0),
             ready_delay: Mutex::new(Duration::from_millis(300)),
+            failing_execs: Mutex::new(Vec::new()),
+            failed_execs: AtomicU64::new(0),
             address,
         });
         let router = Router::new()
@@ -328,6 +333,21 @@ impl FakeKube {
     /// How long a recreated pod takes to become ready.
     pub fn set_ready_delay(&self, delay: Duration) {
         *self.inner.ready_delay.lock().unwrap() = delay;
+    }
+
+    /// The next `times` execs whose command contains `text` are answered 500, as an API server
+    /// whose kubelet connection fails would.
+    pub fn fail_execs(&self, text: &str, times: u32) {
+        self.inner
+            .failing_execs
+            .lock()
+            .unwrap()
+            .push((text.to_owned(), times));
+    }
+
+    /// Execs answered 500 by [`FakeKube::fail_execs`] so far.
+    pub fn failed_execs(&self) -> u64 {
+        self.inner.failed_execs.load(Ordering::SeqCst)
     }
 
     /// Requests served so far (all paths, refused ones included).
@@ -698,6 +718,13 @@ async fn exec(
             "you must specify at least 1 command",
         );
     }
+    if take_failure(&inner, &options.command.join(" ")) {
+        return status_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "error dialing backend: the kubelet did not answer (fake-kube)",
+        );
+    }
     // Without a WebSocket upgrade (SPDY clients POST with `Upgrade: SPDY/3.1`) the request is
     // refused, which makes kubectl report the failed upgrade instead of hanging.
     let Ok(upgrade) = upgrade else {
@@ -727,6 +754,22 @@ async fn exec(
         ("FAKE_KUBE_POD".to_owned(), uid),
     ];
     upgrade.on_upgrade(move |socket| run_exec(socket, options, env, deleted))
+}
+
+/// Whether an exec of `command` is to fail now (see [`FakeKube::fail_execs`]).
+fn take_failure(inner: &Inner, command: &str) -> bool {
+    let mut failing = inner.failing_execs.lock().unwrap();
+    match failing
+        .iter_mut()
+        .find(|(text, times)| *times > 0 && command.contains(text.as_str()))
+    {
+        Some((_, times)) => {
+            *times -= 1;
+            inner.failed_execs.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        None => false,
+    }
 }
 
 /// A close frame with status 1000: kubectl reads a close without a code (1005) as an error.

@@ -34,7 +34,13 @@ pub trait Execution: Send {
     /// writing. Cancel-safe.
     async fn next_output(&mut self) -> Option<(OutputStream, Bytes)>;
     /// Stops the whole process tree: SIGTERM, then SIGKILL after `grace`. Returns at once.
+    /// Calling it again (a repeated cancel) tries again at once a stop that has not worked.
     async fn terminate(&mut self, grace: Duration);
+    /// Why stopping has not worked so far, for the record when the caller gives up; `None`
+    /// when nothing failed (or stopping cannot fail, as with local signals).
+    fn stop_error(&self) -> Option<String> {
+        None
+    }
     /// The exit code, `None` when the process died from a signal. Call after `next_output`
     /// returned `None`. Cancel-safe.
     async fn wait(&mut self) -> Result<Option<i32>, PortError>;

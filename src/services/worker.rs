@@ -54,6 +54,21 @@ pub struct WorkerPorts {
     pub kube: Option<Arc<dyn Executor>>,
 }
 
+/// How supervising a process ended.
+enum Ended {
+    Exited(Result<Option<i32>, PortError>),
+    /// It was being stopped and did not end in time.
+    GaveUp,
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_if(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a running process did next.
 enum Step {
     Output(Option<(OutputStream, Bytes)>),
@@ -546,13 +561,18 @@ impl WorkerPool {
         let mut stopped_by = command
             .cancel_requested
             .then_some(TerminationReason::Cancel);
+        // Once stopping, how long the process may take to go: past this the command is given up
+        // as `lost` (a stop that keeps failing must not hold the slot, or a shutdown, forever).
+        let stop_for = self.settings.kill_grace + self.settings.lease;
+        let mut give_up_at = None;
         if stopped_by.is_some() {
             execution.terminate(self.settings.kill_grace).await;
+            give_up_at = Some(tokio::time::Instant::now() + stop_for);
         }
         // Output first; once both pipes are closed, the exit. Timeout, cancel, shutdown and the
         // lease heartbeat stay in force until the process is gone.
         let mut output_open = true;
-        let exit = loop {
+        let ended = loop {
             let reason = tokio::select! {
                 step = next_step(execution.as_mut(), output_open) => match step {
                     Step::Output(Some((stream, bytes))) => {
@@ -563,12 +583,18 @@ impl WorkerPool {
                         output_open = false;
                         None
                     }
-                    Step::Exited(exit) => break exit,
+                    Step::Exited(exit) => break Ended::Exited(exit),
                 },
+                _ = sleep_until_if(give_up_at) => break Ended::GaveUp,
                 _ = tokio::time::sleep_until(deadline), if stopped_by.is_none() => {
                     Some(TerminationReason::Timeout)
                 }
-                received = events.next(), if stopped_by.is_none() => match received {
+                received = events.next() => match received {
+                    // A repeated cancel tries a stop that has not worked yet again, at once.
+                    Received::Event(BusEvent::CancelRequested) if stopped_by.is_some() => {
+                        execution.terminate(self.settings.kill_grace).await;
+                        None
+                    }
                     Received::Event(BusEvent::CancelRequested) => Some(TerminationReason::Cancel),
                     _ => None,
                 },
@@ -603,9 +629,25 @@ impl WorkerPool {
                 tracing::info!(command = %id, reason = reason.as_str(), "stopping command");
                 stopped_by = Some(reason);
                 execution.terminate(self.settings.kill_grace).await;
+                give_up_at = Some(tokio::time::Instant::now() + stop_for);
             }
         };
         let progress = recorder.finish().await;
+        let exit = match ended {
+            Ended::Exited(exit) => exit,
+            Ended::GaveUp => {
+                let why = execution
+                    .stop_error()
+                    .map_or_else(String::new, |error| format!(": {error}"));
+                let message = format!(
+                    "the command did not end within {}s of being stopped ({}){why}; it may still run where it ran",
+                    stop_for.as_secs(),
+                    stopped_by.map_or("stop", TerminationReason::as_str),
+                );
+                tracing::warn!(command = %id, error = message, "giving the command up as lost");
+                return self.outcome(None, Some(TerminationReason::Lost), Some(message), progress);
+            }
+        };
         match exit {
             Ok(code) => self.outcome(code, stopped_by, None, progress),
             // The executor lost track of the process (its pod vanished, its stream broke): how

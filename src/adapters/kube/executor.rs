@@ -1,10 +1,12 @@
 //! The pod executor: `sh -c` in the target container over `pods/exec`, the command in its own
 //! process group (see [`super::script`]), stdout and stderr streamed as they arrive, the exit
-//! code read from the status channel. Stopping it is a second exec that signals the group.
+//! code read from the status channel. Stopping it is a second exec that signals the group; a
+//! stop that fails (the API down, its breaker open, a 5xx, a timeout) is tried again with
+//! backoff until the group is gone, the command ends, or the worker gives the command up.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,12 +14,14 @@ use bytes::{Bytes, BytesMut};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::api::AttachedProcess;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::{KubeApi, container_of, script};
 use crate::adapters::pipe::pump;
 use crate::domain::command::OutputStream;
 use crate::ports::{ExecRequest, Execution, Executor, PodError, PortError};
+use crate::resilience::Backoff;
 
 const OUTPUT_BACKLOG: usize = 16;
 /// The group id line is a number; anything longer is not it.
@@ -30,6 +34,13 @@ const STOP_SLACK: Duration = Duration::from_secs(30);
 const BROKEN_STREAM_DRAIN: Duration = Duration::from_millis(200);
 /// The grace used when a broken stream leaves a command orphaned in its pod.
 const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+/// How long an orphan's group is tried to be stopped; nobody waits for it.
+const ORPHAN_STOP_FOR: Duration = Duration::from_secs(120);
+/// Waits between stopping execs that failed.
+const STOP_RETRY: Backoff = Backoff {
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(10),
+};
 
 pub struct KubeExecutor {
     api: KubeApi,
@@ -104,7 +115,7 @@ impl Executor for KubeExecutor {
             _process: process,
             group: Arc::new(group),
             pgid,
-            finished: Arc::new(AtomicBool::new(false)),
+            stopping: StopControl::default(),
             terminated: false,
         }))
     }
@@ -223,10 +234,23 @@ struct RemoteGroup {
     uid: Option<String>,
 }
 
+/// What a stop in progress shares with its execution.
+#[derive(Clone, Default)]
+struct StopControl {
+    /// Set once the exit status arrived: nothing is left to stop.
+    finished: Arc<AtomicBool>,
+    /// A repeated cancel: try again now instead of after the backoff.
+    again: Arc<Notify>,
+    /// The worker gave the command up (the execution was dropped): stop trying.
+    abandoned: CancellationToken,
+    /// Why the last try failed, for the command's record if the worker gives up.
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
 impl RemoteGroup {
     /// TERM, then KILL after `grace`, then a check that nothing of the group is left; all in
     /// one exec so that a flapping API cannot leave it half done.
-    async fn stop(&self, pgid: i32, grace: Duration) {
+    async fn stop_once(&self, pgid: i32, grace: Duration) -> Result<(), String> {
         let argv = vec!["sh".to_owned(), "-c".to_owned(), script::stop(pgid, grace)];
         let stopped = tokio::time::timeout(grace + STOP_SLACK, async {
             let mut process = self
@@ -245,15 +269,30 @@ impl RemoteGroup {
             }
         })
         .await;
-        match stopped {
-            Ok(Ok(())) => {
-                tracing::info!(pod = %self.pod, pgid, "remote process group stopped")
-            }
-            Ok(Err(error)) => {
-                tracing::warn!(pod = %self.pod, pgid, %error, "could not confirm the remote process group stopped")
-            }
-            Err(_) => {
-                tracing::warn!(pod = %self.pod, pgid, "stopping the remote process group timed out")
+        stopped.unwrap_or_else(|_| Err("the stopping exec timed out".to_owned()))
+    }
+
+    /// Stops the group, trying again with backoff until it is confirmed gone, the command ends
+    /// by itself, or `control` says nobody waits any more.
+    async fn stop(self: Arc<Self>, pgid: i32, grace: Duration, control: StopControl) {
+        let mut failures = 0;
+        while !control.finished.load(Ordering::Acquire) {
+            match self.stop_once(pgid, grace).await {
+                Ok(()) => {
+                    tracing::info!(pod = %self.pod, pgid, "remote process group stopped");
+                    return;
+                }
+                Err(error) => {
+                    failures += 1;
+                    let wait = STOP_RETRY.delay(failures);
+                    tracing::warn!(pod = %self.pod, pgid, %error, retry_in = ?wait, "stopping the remote process group failed");
+                    *control.last_error.lock().expect("never poisoned") = Some(error);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = control.again.notified() => {}
+                        _ = control.abandoned.cancelled() => return,
+                    }
+                }
             }
         }
     }
@@ -263,8 +302,13 @@ impl RemoteGroup {
     async fn lost(self: &Arc<Self>, pgid: i32) -> PortError {
         let message = match self.api.get_pod(&self.namespace, &self.pod).await {
             Ok(pod) if pod.metadata.uid == self.uid => {
-                let group = self.clone();
-                tokio::spawn(async move { group.stop(pgid, ORPHAN_GRACE).await });
+                let control = StopControl::default();
+                let give_up = control.abandoned.clone();
+                tokio::spawn(self.clone().stop(pgid, ORPHAN_GRACE, control));
+                tokio::spawn(async move {
+                    tokio::time::sleep(ORPHAN_STOP_FOR).await;
+                    give_up.cancel();
+                });
                 format!(
                     "the exec stream to pod {}/{} broke without an exit status; the command's end is unknown and its process group is being stopped",
                     self.namespace, self.pod
@@ -292,9 +336,14 @@ struct KubeExecution {
     _process: AttachedProcess,
     group: Arc<RemoteGroup>,
     pgid: i32,
-    /// Set once the exit status arrived: nothing is left to stop.
-    finished: Arc<AtomicBool>,
+    stopping: StopControl,
     terminated: bool,
+}
+
+impl Drop for KubeExecution {
+    fn drop(&mut self) {
+        self.stopping.abandoned.cancel();
+    }
 }
 
 #[async_trait]
@@ -326,12 +375,27 @@ impl Execution for KubeExecution {
     }
 
     async fn terminate(&mut self, grace: Duration) {
-        if self.finished.load(Ordering::Acquire) || self.terminated {
+        if self.stopping.finished.load(Ordering::Acquire) {
+            return;
+        }
+        if self.terminated {
+            self.stopping.again.notify_one();
             return;
         }
         self.terminated = true;
-        let (group, pgid) = (self.group.clone(), self.pgid);
-        tokio::spawn(async move { group.stop(pgid, grace).await });
+        tokio::spawn(
+            self.group
+                .clone()
+                .stop(self.pgid, grace, self.stopping.clone()),
+        );
+    }
+
+    fn stop_error(&self) -> Option<String> {
+        self.stopping
+            .last_error
+            .lock()
+            .expect("never poisoned")
+            .clone()
     }
 
     async fn wait(&mut self) -> Result<Option<i32>, PortError> {
@@ -342,7 +406,7 @@ impl Execution for KubeExecution {
             (None, None) => return Err(PortError::backend("waited twice")),
         };
         self.status = None;
-        self.finished.store(true, Ordering::Release);
+        self.stopping.finished.store(true, Ordering::Release);
         match status {
             Some(status) => {
                 let code = exit_code(&status).map_err(PortError::backend)?;
