@@ -23,8 +23,12 @@
 # Both carry the label dev.rdev.stand-in=<tag>, and so does an image built on them.
 # Anywhere a registry is reachable, skip this script: `docker build` pulls the real images.
 #
-#   deploy/image/local-bases.sh            # makes the missing ones; an existing tag is kept
-#   deploy/image/local-bases.sh --force    # makes both anew
+#   deploy/image/local-bases.sh              # makes the missing ones; an existing tag is kept
+#   deploy/image/local-bases.sh --force      # makes them anew
+#   deploy/image/local-bases.sh --postgres   # also postgres:<major> for docker-compose.yml:
+#                                            # <release> + Debian's postgresql-<major>, with an
+#                                            # entrypoint (postgres-entrypoint.sh beside this)
+#                                            # honouring POSTGRES_USER/_PASSWORD/_DB
 #
 # Needs root, a running Docker daemon, debootstrap (Debian package) and rustup with the
 # toolchain of the Dockerfile's RUST_VERSION (e.g. 1.95.0). RUST_TOOLCHAIN_DIR overrides where
@@ -33,11 +37,14 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 
 force=0
-case "${1:-}" in
-  "") ;;
-  --force) force=1 ;;
-  *) echo "usage: $0 [--force]" >&2; exit 2 ;;
-esac
+with_postgres=0
+for option in "$@"; do
+  case "$option" in
+    --force) force=1 ;;
+    --postgres) with_postgres=1 ;;
+    *) echo "usage: $0 [--force] [--postgres]" >&2; exit 2 ;;
+  esac
+done
 
 fail() { printf 'local-bases: %s\n' "$*" >&2; exit 1; }
 log() { printf 'local-bases: %s\n' "$*"; }
@@ -201,6 +208,49 @@ EOF
   log "$rust_tag made"
 fi
 replaced "$old_rust" "$rust_tag"
+
+# --- postgres:<major> (only with --postgres), the major docker-compose.yml names
+if [ "$with_postgres" -eq 1 ]; then
+  major="$(sed -n 's/^ *image: postgres:\([0-9][0-9]*\).*/\1/p' "$root/docker-compose.yml" | head -n 1)"
+  [ -n "$major" ] || fail "docker-compose.yml names no postgres:<major> image"
+  postgres_tag="postgres:$major"
+  old_postgres="$(docker image inspect -f '{{.Id}}' "$postgres_tag" 2>/dev/null || true)"
+  if wanted "$postgres_tag"; then
+    helper="local-bases-$$"
+    log "$postgres_tag: $debian_tag + postgresql-$major"
+    docker run --name "$helper" --network host \
+      -v "$root/deploy/image/postgres-entrypoint.sh:/mnt/entrypoint.sh:ro" "$debian_tag" bash -c "
+        set -eu
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends postgresql-common >/dev/null
+        # As the official image: no cluster at install time; the entrypoint makes one in PGDATA.
+        sed -ri 's/#?(create_main_cluster) .*/\\1 = false/' /etc/postgresql-common/createcluster.conf
+        apt-get install -y -qq --no-install-recommends postgresql-$major >/dev/null
+        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
+        install -m 0755 /mnt/entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+        mkdir -p /var/lib/postgresql/data /var/run/postgresql
+        chown -R postgres:postgres /var/lib/postgresql /var/run/postgresql
+      " || fail "installing into the $postgres_tag stand-in failed"
+    docker commit \
+      --change "ENV PATH=/usr/lib/postgresql/$major/bin:$base_path" \
+      --change "ENV PGDATA=/var/lib/postgresql/data" \
+      --change "ENV PG_MAJOR=$major" \
+      --change 'VOLUME /var/lib/postgresql/data' \
+      --change 'EXPOSE 5432' \
+      --change 'ENTRYPOINT ["docker-entrypoint.sh"]' \
+      --change 'CMD ["postgres"]' \
+      --change "LABEL dev.rdev.stand-in=$postgres_tag" \
+      --message "stand-in for $postgres_tag: $debian_tag + postgresql-$major (deploy/image/local-bases.sh)" \
+      "$helper" "$postgres_tag" >/dev/null
+    docker rm "$helper" >/dev/null
+    helper=""
+    log "$postgres_tag made"
+  fi
+  replaced "$old_postgres" "$postgres_tag"
+  docker run --rm --network none --entrypoint pg_isready "$postgres_tag" --version \
+    || fail "$postgres_tag has no pg_isready"
+fi
 replaced "$old_debian" "$debian_tag"
 
 # Both answer as the Dockerfile expects.
