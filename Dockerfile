@@ -19,20 +19,23 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependency layer: only the manifests and the lockfile, with empty targets in place of the code.
+# Cargo reads every workspace member's manifest (and finds its targets) before it builds one
+# package, so bench/ and fake-kube/ are here as manifests with empty targets. The image builds
+# rdev-api alone; their placeholders stay, and an edit of their code rebuilds nothing here.
 COPY Cargo.toml Cargo.lock ./
 COPY bench/Cargo.toml bench/Cargo.toml
-RUN mkdir -p src bench/src/bin \
+COPY fake-kube/Cargo.toml fake-kube/Cargo.toml
+RUN mkdir -p src bench/src/bin fake-kube/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs fake-kube/src/lib.rs \
     && echo 'fn main() {}' > bench/src/main.rs \
     && echo 'fn main() {}' > bench/src/bin/hello.rs \
     && cargo build --release --locked -p rdev-api --bin rdev-api \
-    && rm -rf src bench/src
+    && rm -rf src
 
 # The real sources. Migrations are embedded at compile time (sqlx::migrate!).
 COPY src src
 COPY migrations migrations
-COPY bench/src bench/src
 # The placeholder build left fresher artefacts for this crate than the copied sources' mtimes.
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked -p rdev-api --bin rdev-api \
