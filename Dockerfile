@@ -53,7 +53,8 @@ RUN apt-get update \
     && mkdir -p /data \
     && chown rdev:rdev /data
 
-# Not stripped: heap profiles from /debug/pprof/heap are symbolised against this binary.
+# Not stripped: the server names the functions in its own heap profiles from these line tables,
+# so `go tool pprof` reads a profile copied out of the pod without the binary.
 COPY --from=build /usr/local/bin/rdev-api /usr/local/bin/rdev-api
 
 # The embedded default keeps its SQLite file on a volume; replicas set DATABASE_URL=postgres://...

@@ -545,6 +545,51 @@ async fn go_tool_pprof_reads_the_cpu_profile() {
     assert!(stdout.contains("flat"), "{stdout}");
 }
 
+/// The runbook copies the heap profile out of a pod without the binary: `go tool pprof` must
+/// show function names from the profile alone (`-symbolize=none`: it may not look for the
+/// binary, which is right here beside the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heap_profile_names_its_functions() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let process = ServerProcess::start(&db, &[]).await;
+    let server = &process.server;
+    for _ in 0..50 {
+        let _ = server.get("/api/v1/projects", ADMIN_KEY).await;
+    }
+    let response = server
+        .client
+        .get(server.url("/debug/pprof/heap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let profile = response.bytes().await.unwrap();
+    if go_tool().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("heap.prof");
+    std::fs::write(&path, &profile).unwrap();
+    let output = std::process::Command::new("go")
+        .args(["tool", "pprof", "-symbolize=none", "-top", "-nodecount=200"])
+        .arg(&path)
+        .env("HOME", dir.path())
+        .env("PPROF_TMPDIR", dir.path())
+        .env("PPROF_BINARY_PATH", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "go tool pprof: {stderr}");
+    assert!(stdout.contains("inuse_space"), "{stdout}");
+    assert!(
+        stdout.contains("rdev_api::") || stdout.contains("tokio::"),
+        "function names, not addresses: {stdout}"
+    );
+}
+
 /// `rdev_cache_requests_total{cache,result}` now.
 async fn cache_count(server: &TestServer, cache: &str, result: &str) -> u64 {
     let metrics = server.metrics().await;
