@@ -540,6 +540,7 @@ pub async fn build_with_clock(
         limits: ConnectionLimits {
             max_head_bytes: usize::try_from(config.max_request_head_bytes).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
         },
         connections,
         shutdown,

@@ -288,10 +288,17 @@ pub struct Config {
     #[arg(long, env = "RDEV_MAX_REQUEST_HEAD_BYTES", value_name = "RDEV_MAX_REQUEST_HEAD_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
     pub max_request_head_bytes: u64,
 
-    /// Seconds a client has to send a whole request head, from connecting or from the end of
-    /// the previous response; a slower or idle (kept-alive, not streaming) connection is closed.
+    /// Seconds a client has to send a whole request head: from connecting, or on a kept-alive
+    /// connection from the head's first byte. A slower client is cut off.
     #[arg(long, env = "RDEV_HEADER_READ_TIMEOUT_SECS", value_name = "RDEV_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_read_timeout_secs: u64,
+
+    /// Seconds a kept-alive connection may stay quiet between requests (HTTP/1) or without a
+    /// stream (HTTP/2) before it is closed. Keep it above the idle timeout of the proxy in front
+    /// (ingress-nginx and most load balancers: 60 s; Google Cloud load balancers: 600 s), so
+    /// that the proxy closes first and never sends a request on a socket closed here.
+    #[arg(long, env = "RDEV_IDLE_TIMEOUT_SECS", value_name = "RDEV_IDLE_TIMEOUT_SECS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_secs: u64,
 
     /// Kubeconfig file(s) for the Kubernetes API outside a cluster (`:`-separated, merged in
     /// order); inside a pod, the service account is used when this is unset.

@@ -115,11 +115,41 @@ async fn a_request_head_over_the_limit_gets_a_431_problem_and_a_clean_close() {
     server.stop().await;
 }
 
+/// Reads until the peer closes (`Ok(0)` or a reset), failing after `within`; returns how long
+/// that took.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Duration {
+    let from = Instant::now();
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout(within.saturating_sub(from.elapsed()), tcp.read(&mut sink)).await
+        {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(0) | Err(_)) => return from.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// `GET /health` on a kept-alive connection; the answer's status line.
+async fn health_on(tcp: &mut TcpStream) -> String {
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tcp.read(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trickled_head_and_an_idle_connection_are_cut_after_the_header_read_timeout() {
+async fn a_slow_head_is_cut_at_the_header_timeout_and_a_quiet_keep_alive_at_the_idle_timeout() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let mut config = test_config(&db);
     config.header_read_timeout_secs = 1;
+    config.idle_timeout_secs = 3;
     let server = TestServer::start_with(config).await;
 
     // Slowloris: a header line every 200 ms, never the blank line.
@@ -147,29 +177,37 @@ async fn a_trickled_head_and_an_idle_connection_are_cut_after_the_header_read_ti
     };
     assert!(cut >= Duration::from_millis(900), "cut too early: {cut:?}");
 
-    // A kept-alive connection that sends no next request is closed as well.
+    // A kept-alive connection quiet for longer than the header timeout still serves its next
+    // request (a proxy's pooled connection), and is closed after the idle timeout.
     let mut tcp = connect(&server).await;
-    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = tcp.read(&mut answer).await.unwrap();
-    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
-    let idle_from = Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(8), tcp.read(&mut answer))
-        .await
-        .expect("the idle connection is closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without another answer");
-    assert!(idle_from.elapsed() >= Duration::from_millis(900));
+    assert_eq!(health_on(&mut tcp).await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        health_on(&mut tcp).await,
+        "HTTP/1.1 200 OK",
+        "reused after 2 s idle"
+    );
+    let idle = closed_within(&mut tcp, Duration::from_secs(10)).await;
+    assert!(
+        idle >= Duration::from_millis(2900),
+        "closed too early: {idle:?}"
+    );
 
-    // A connection that never sends a byte is closed too.
+    // On a kept-alive connection, a head that begins but trickles has the header timeout from
+    // its first byte, not the idle timeout.
+    let mut tcp = connect(&server).await;
+    assert_eq!(health_on(&mut tcp).await, "HTTP/1.1 200 OK");
+    tcp.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+    let cut = closed_within(&mut tcp, Duration::from_secs(10)).await;
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(2500),
+        "a slow second head is cut at the header timeout: {cut:?}"
+    );
+
+    // A connection that never sends a byte is closed at the header timeout too.
     let mut silent = connect(&server).await;
-    let n = tokio::time::timeout(Duration::from_secs(8), silent.read(&mut answer))
-        .await
-        .expect("the silent connection is closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    let cut = closed_within(&mut silent, Duration::from_secs(10)).await;
+    assert!(cut < Duration::from_millis(2500), "{cut:?}");
 
     // An event stream is not idle: it outlives the timeout several times over.
     let project = server.create_project("streamed", json!({})).await;
@@ -191,6 +229,79 @@ async fn a_trickled_head_and_an_idle_connection_are_cut_after_the_header_read_ti
         }
     }
     assert_eq!(outputs.concat(), "first\nlast\n");
+    server.stop().await;
+}
+
+/// Open connections other than the one asking (`Connection: close`).
+async fn other_connections(server: &TestServer) -> i64 {
+    let answer = exchange(
+        server,
+        b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    gauge(&answer, "rdev_http_connections_active") - 1
+}
+
+/// HTTP/2 keeps HTTP/1's two clocks: a client that sends the preface and nothing more is closed
+/// at the header timeout, and a connection without a stream at the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_connections_that_say_nothing_are_closed_like_http1_ones() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let mut config = test_config(&db);
+    config.header_read_timeout_secs = 1;
+    config.idle_timeout_secs = 3;
+    let server = TestServer::start_with(config).await;
+
+    let mut preface_only = connect(&server).await;
+    preface_only
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let cut = closed_within(&mut preface_only, Duration::from_secs(10)).await;
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(2500),
+        "{cut:?}"
+    );
+
+    // A preface in two segments, the second a while later, is still told from HTTP/1: the
+    // server answers with its HTTP/2 SETTINGS frame (type 4).
+    let mut split = connect(&server).await;
+    split.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    split.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), split.read_exact(&mut frame))
+        .await
+        .expect("an HTTP/2 frame")
+        .unwrap();
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+    drop(split);
+
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    support::eventually(
+        Duration::from_secs(2),
+        "only the h2c connection is open",
+        || async { other_connections(&server).await == 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        other_connections(&server).await,
+        1,
+        "past the header timeout, within the idle timeout"
+    );
+    support::eventually(
+        Duration::from_secs(8),
+        "the idle h2c connection is closed",
+        || async { other_connections(&server).await == 0 },
+    )
+    .await;
     server.stop().await;
 }
 

@@ -1,9 +1,16 @@
 //! The connection layer: our own accept loop in place of `axum::serve`, so that every connection
 //! is served with the limits we choose. HTTP/1.1 and h2c (prior knowledge) on one port,
 //! `TCP_NODELAY`, `ConnectInfo<SocketAddr>` for the extractors, a request-head limit answered with
-//! a 431 problem, a header read timeout (which also ends idle keep-alive connections), the open
-//! connection count as a gauge, and graceful shutdown that lets open responses (event streams
-//! included) finish.
+//! a 431 problem, the open connection count as a gauge, and graceful shutdown that lets open
+//! responses (event streams included) finish.
+//!
+//! Two clocks bound a connection that sends nothing. The header read timeout bounds sending a
+//! request head: a new connection's first, or on a kept-alive one, the rest of a head once its
+//! first byte came. The idle timeout bounds the quiet between requests on a kept-alive
+//! connection, and is longer: a proxy's pool (an ingress, a gateway) keeps idle upstream
+//! connections for a minute or more, and must not meet a socket we closed. HTTP/2 follows the
+//! same two clocks (a first stream within the header timeout, then no stream for the idle
+//! timeout), and pings a peer whose streams stay open, to find one that vanished.
 //!
 //! The protocol is told apart by peeking at the first bytes, not by reading and replaying them
 //! as hyper-util's auto builder does: a replayed prefix makes hyper's first read fill only those
@@ -26,10 +33,12 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::ports::ConnectionMetrics;
@@ -41,15 +50,21 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Request body bytes read and thrown away after a 431, so the client reads the answer instead
 /// of a reset; past this the connection is closed anyway.
 const REJECT_DRAIN_BYTES: usize = 1024 * 1024;
+/// An HTTP/2 peer with open streams is pinged this often, and dropped when a ping goes
+/// unanswered this long (a peer that vanished without a FIN).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Limits every connection is served with.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// Largest request head (request line and headers), in bytes; larger ones get a 431.
     pub max_head_bytes: usize,
-    /// Time a client has to send a whole request head, from connecting or from the end of the
-    /// previous response on a kept-alive connection.
+    /// Time a client has to send a whole request head: from connecting, or on a kept-alive
+    /// connection from the head's first byte.
     pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may stay quiet between a response and the next request.
+    pub idle_timeout: Duration,
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting and waits
@@ -62,7 +77,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let server = Arc::new(Server::new(router, limits, metrics));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -80,28 +95,30 @@ pub async fn serve(
         }
         let open = OpenConnection::new(server.metrics.clone());
         let server = server.clone();
-        let watcher = graceful.watcher();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _open = open;
             let protocol = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 protocol = tokio::time::timeout(server.limits.header_read_timeout, sniff(&tcp)) => protocol,
             };
+            let exchanges = Arc::new(Exchanges::default());
             match protocol {
                 Ok(Ok(Protocol::Http1)) => {
-                    let exchange = Arc::new(Exchange::default());
-                    let io = HeadLimit::new(tcp, exchange.clone(), &server);
+                    let io = HeadLimit::new(tcp, exchanges.clone(), &server);
                     let connection = server
                         .http1
-                        .serve_connection(TokioIo::new(io), server.service(peer, Some(exchange)));
-                    finished(watcher.watch(connection).await, peer);
+                        .serve_connection(TokioIo::new(io), server.service(peer, exchanges.clone()));
+                    // The head limit ends an idle HTTP/1 connection itself.
+                    let idle = std::future::pending();
+                    finished(drive(connection, &shutdown, &exchanges, idle).await, peer);
                 }
                 Ok(Ok(Protocol::Http2)) => {
                     let connection = server
                         .http2
-                        .serve_connection(TokioIo::new(tcp), server.service(peer, None));
-                    finished(watcher.watch(connection).await, peer);
+                        .serve_connection(TokioIo::new(tcp), server.service(peer, exchanges.clone()));
+                    let idle = exchanges.clone().quiet_for(server.limits);
+                    finished(drive(connection, &shutdown, &exchanges, idle).await, peer);
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "connection closed before a request")
@@ -111,7 +128,47 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
+}
+
+/// A hyper connection that can be asked to finish what it has and close.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Graceful for http1::Connection<TokioIo<HeadLimit>, ConnectionService> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl Graceful for http2::Connection<TokioIo<TcpStream>, ConnectionService, TokioExecutor> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serves a connection to its end. When the server shuts down, or `idle` says the connection
+/// has nothing to do, it is asked to finish its open responses and close; one that never asked
+/// anything is dropped (an HTTP/2 handshake the peer never finished would wait for it).
+async fn drive(
+    connection: impl Graceful,
+    shutdown: &CancellationToken,
+    exchanges: &Exchanges,
+    idle: impl Future<Output = ()>,
+) -> Result<(), hyper::Error> {
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = shutdown.cancelled() => {}
+        _ = idle => {}
+    }
+    if !exchanges.began.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }
 
 /// An accept error: one connection's (it went away in the queue) is skipped; others (out of
@@ -148,12 +205,16 @@ impl Server {
     fn new(router: Router, limits: ConnectionLimits, metrics: Arc<dyn ConnectionMetrics>) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // Ours, in the head limit: hyper's runs from the end of a response, so it would
+            // close an idle kept-alive connection at the header timeout.
+            .header_read_timeout(None)
             // The head limit is ours (a 431 problem); hyper's own, a bare 431, only stops a
             // head that slipped past ours (pipelined behind a request body).
             .max_buf_size(limits.max_head_bytes.saturating_add(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
             .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
         Self {
             router,
@@ -165,13 +226,13 @@ impl Server {
         }
     }
 
-    /// The per-connection service: the router, with the peer address for the extractors and,
-    /// on HTTP/1, the exchange state the head limit reads.
-    fn service(&self, peer: SocketAddr, exchange: Option<Arc<Exchange>>) -> ConnectionService {
+    /// The per-connection service: the router, with the peer address for the extractors and
+    /// the exchange count the connection's clocks read.
+    fn service(&self, peer: SocketAddr, exchanges: Arc<Exchanges>) -> ConnectionService {
         ConnectionService {
             router: self.router.clone(),
             peer,
-            exchange,
+            exchanges,
         }
     }
 }
@@ -180,7 +241,7 @@ impl Server {
 struct ConnectionService {
     router: Router,
     peer: SocketAddr,
-    exchange: Option<Arc<Exchange>>,
+    exchanges: Arc<Exchanges>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
@@ -190,10 +251,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
 
     fn call(&self, mut request: hyper::Request<Incoming>) -> ExchangeFuture {
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        let done = self.exchange.clone().map(Exchange::begin);
         ExchangeFuture {
             inner: self.router.clone().call(request),
-            done,
+            done: Some(self.exchanges.clone().begin()),
         }
     }
 }
@@ -240,53 +300,111 @@ enum Protocol {
 }
 
 /// Tells HTTP/1 from an h2c preface without consuming a byte. Every HTTP/1 method differs from
-/// the preface within its first two bytes, so one peek nearly always decides.
+/// the preface within its first two bytes, so the first bytes nearly always decide; a preface
+/// split across segments waits for the socket to have more (the caller bounds the wait).
 async fn sniff(tcp: &TcpStream) -> io::Result<Protocol> {
-    let mut seen = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = tcp.peek(&mut seen).await?;
+    tcp.async_io(Interest::READABLE, || {
+        let mut seen = [0u8; H2_PREFACE.len()];
+        let n = peek(tcp, &mut seen)?;
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            Err(io::ErrorKind::UnexpectedEof.into())
+        } else if seen[..n] != H2_PREFACE[..n] {
+            Ok(Protocol::Http1)
+        } else if n == H2_PREFACE.len() {
+            Ok(Protocol::Http2)
+        } else {
+            // Part of a preface: `WouldBlock` clears the readiness seen, so the next try waits
+            // for the next segment (tokio keeps a readiness that arrived meanwhile).
+            Err(io::ErrorKind::WouldBlock.into())
         }
-        if seen[..n] != H2_PREFACE[..n] {
-            return Ok(Protocol::Http1);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(Protocol::Http2);
-        }
-        // A preface split across segments: the rest is on its way.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    })
+    .await
 }
 
-/// Where an HTTP/1 connection stands: set when a response has ended (or at the start), so the
-/// next bytes read are a request head, which the head limit applies to.
+/// `recv(2)` with `MSG_PEEK`: what is queued on the socket, left there. `WouldBlock` when
+/// nothing is.
+fn peek(tcp: &TcpStream, into: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: recv writes at most `into.len()` bytes into `into`, which outlives the call; the
+    // descriptor is the stream's, open while `tcp` is borrowed.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            into.as_mut_ptr().cast(),
+            into.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Where a connection's exchanges stand. HTTP/1: a response has ended (or none began), so the
+/// next bytes read are a request head, which the head limit applies to. HTTP/2: how many
+/// streams are open, for the idle clock.
 #[derive(Debug)]
-struct Exchange {
+struct Exchanges {
     head_next: AtomicBool,
+    /// Some exchange began on this connection.
+    began: AtomicBool,
+    open: std::sync::atomic::AtomicUsize,
+    /// Some exchange began or ended.
+    changed: Notify,
+    /// The HTTP/1 reader, woken when a response ends: hyper may have read (and found nothing)
+    /// before that, and must read again for the head limit to start the idle clock.
+    reader: futures::task::AtomicWaker,
 }
 
-impl Default for Exchange {
+impl Default for Exchanges {
     fn default() -> Self {
         Self {
             head_next: AtomicBool::new(true),
+            began: AtomicBool::new(false),
+            open: std::sync::atomic::AtomicUsize::new(0),
+            changed: Notify::new(),
+            reader: futures::task::AtomicWaker::new(),
         }
     }
 }
 
-impl Exchange {
+impl Exchanges {
     fn begin(self: Arc<Self>) -> ExchangeDone {
+        self.began.store(true, Ordering::Release);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
         ExchangeDone(self)
+    }
+
+    /// Resolves once no exchange has been open for a while: the header read timeout before
+    /// the first one (a client that connects must ask something), the idle timeout after.
+    async fn quiet_for(self: Arc<Self>, limits: ConnectionLimits) {
+        let mut quiet_limit = limits.header_read_timeout;
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) > 0 {
+                changed.await;
+                quiet_limit = limits.idle_timeout;
+                continue;
+            }
+            tokio::select! {
+                _ = changed => quiet_limit = limits.idle_timeout,
+                _ = tokio::time::sleep(quiet_limit) => return,
+            }
+        }
     }
 }
 
-/// Dropped with the response body (when hyper has sent it, or the client went away): the next
-/// bytes are the next request head.
-struct ExchangeDone(Arc<Exchange>);
+/// Dropped with the response body (when hyper has sent it, or the client went away): the
+/// exchange is over, and on HTTP/1 the next bytes are the next request head.
+struct ExchangeDone(Arc<Exchanges>);
 
 impl Drop for ExchangeDone {
     fn drop(&mut self) {
         self.0.head_next.store(true, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        self.0.reader.wake();
     }
 }
 
@@ -316,14 +434,25 @@ impl http_body::Body for ExchangeBody {
     }
 }
 
-/// An HTTP/1 socket that counts the bytes of each request head. Past the limit the client gets
-/// a 431 problem with `Connection: close`, the write side is shut, what the client still sends
-/// is drained (up to [`REJECT_DRAIN_BYTES`], within the header read timeout) so the close is a
-/// FIN and not a reset, and hyper sees the connection fail.
+/// An HTTP/1 socket that counts the bytes of each request head and keeps the connection's two
+/// clocks. Past the head limit the client gets a 431 problem with `Connection: close`, the
+/// write side is shut, what the client still sends is drained (up to [`REJECT_DRAIN_BYTES`],
+/// within the header read timeout) so the close is a FIN and not a reset, and hyper sees the
+/// connection fail. A kept-alive connection quiet for the idle timeout reads as closed by the
+/// client (hyper ends it cleanly); a head not whole within the header read timeout is an error.
 struct HeadLimit {
     tcp: TcpStream,
-    exchange: Arc<Exchange>,
+    exchanges: Arc<Exchanges>,
     limit: usize,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    /// A head is awaited and none of it came yet, after a first exchange: the idle clock runs.
+    idle: bool,
+    /// The clock of the awaited head; none while a request or response is under way, so an
+    /// open event stream holds no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// At least one head was read: the wait for the next one is idle time first.
+    kept_alive: bool,
     /// A request head is being read: from the end of a response to the blank line.
     in_head: bool,
     /// Bytes of the current head read so far.
@@ -344,11 +473,16 @@ enum Reject {
 }
 
 impl HeadLimit {
-    fn new(tcp: TcpStream, exchange: Arc<Exchange>, server: &Server) -> Self {
+    fn new(tcp: TcpStream, exchanges: Arc<Exchanges>, server: &Server) -> Self {
         Self {
             tcp,
-            exchange,
+            exchanges,
             limit: server.limits.max_head_bytes,
+            header_read_timeout: server.limits.header_read_timeout,
+            idle_timeout: server.limits.idle_timeout,
+            idle: false,
+            deadline: None,
+            kept_alive: false,
             in_head: false,
             head_bytes: 0,
             blank_line: 0,
@@ -356,6 +490,27 @@ impl HeadLimit {
             write_blocked: false,
             rejecting: None,
         }
+    }
+
+    /// Starts (or restarts) the clock of the awaited head.
+    fn arm(&mut self, after: Duration) {
+        let at = Instant::now() + after;
+        match &mut self.deadline {
+            Some(deadline) => deadline.as_mut().reset(at),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Whether the awaited head's clock ran out (registering for its wake-up if not).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let expired = self
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if expired {
+            self.deadline = None;
+        }
+        expired
     }
 
     /// Finds the blank line ending the head in `read` (`\r\n\r\n`, or `\n\n` as hyper also
@@ -423,24 +578,58 @@ impl AsyncRead for HeadLimit {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.rejecting.is_some() {
-            return this.poll_reject(cx);
+            let rejected = this.poll_reject(cx);
+            if rejected.is_pending() && this.expired(cx) {
+                return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+            }
+            return rejected;
         }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
-        if !this.in_head && this.exchange.head_next.swap(false, Ordering::Relaxed) {
+        if !this.in_head && this.exchanges.head_next.swap(false, Ordering::Relaxed) {
             this.in_head = true;
             this.head_bytes = 0;
             this.blank_line = 0;
+            this.idle = this.kept_alive;
+            this.arm(if this.idle {
+                this.idle_timeout
+            } else {
+                this.header_read_timeout
+            });
         }
+        if !this.in_head {
+            this.exchanges.reader.register(cx.waker());
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if polled.is_pending() {
+            if !this.expired(cx) {
+                return Poll::Pending;
+            }
+            if this.idle {
+                tracing::debug!("kept-alive connection idle past the idle timeout");
+                return Poll::Ready(Ok(()));
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no whole request head within the header read timeout",
+            )));
+        }
+        ready!(polled)?;
         if !this.in_head {
             return Poll::Ready(Ok(()));
         }
         let read = &buf.filled()[before..];
+        if this.idle && !read.is_empty() {
+            // The next request began: its head has the header read timeout from here.
+            this.idle = false;
+            this.arm(this.header_read_timeout);
+        }
         let head = match this.scan(read) {
             Some(end) => {
                 // The rest of this read is a body or a pipelined request: hyper's own
                 // `max_buf_size` bounds those.
                 this.in_head = false;
+                this.kept_alive = true;
+                this.deadline = None;
                 end
             }
             None => read.len(),
