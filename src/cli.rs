@@ -193,6 +193,7 @@ fn trace_export(config: &Config) -> Option<telemetry::TraceExport> {
         service_name: config.otel_service_name.clone(),
         resource_attributes: config.otel_resource_attributes.clone(),
         sampler,
+        filter: config.trace_filter.clone(),
     })
 }
 

@@ -381,6 +381,12 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
 
+    /// Which spans are exported, in `RUST_LOG` syntax (`info`, `rdev_api=debug,info`), apart
+    /// from `RUST_LOG`, which filters the log lines only. Sampling then follows
+    /// `OTEL_TRACES_SAMPLER`.
+    #[arg(long, env = "RDEV_TRACE_FILTER", value_name = "RDEV_TRACE_FILTER", default_value = "info", value_parser = parse_trace_filter)]
+    pub trace_filter: String,
+
     /// `service.name` of exported spans (else `service.name` from `OTEL_RESOURCE_ATTRIBUTES`,
     /// else `rdev-api`).
     #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "OTEL_SERVICE_NAME")]
@@ -618,6 +624,13 @@ fn parse_proxy_url(raw: &str) -> Result<url::Url, String> {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
         _ => Err("expected http://HOST:PORT or https://HOST:PORT".into()),
     }
+}
+
+fn parse_trace_filter(raw: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(raw)
+        .map(|_| raw.to_owned())
+        .map_err(|e| format!("`{raw}`: {e}"))
 }
 
 fn parse_resource_attribute(raw: &str) -> Result<(String, String), String> {

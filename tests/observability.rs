@@ -269,6 +269,53 @@ async fn request_span_joins_the_callers_trace_and_reaches_the_collector() {
         .await;
 }
 
+/// An operator who quiets the logs keeps the traces: spans follow their own filter
+/// (`RDEV_TRACE_FILTER`) and the sampler, not `RUST_LOG`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_logs_do_not_silence_the_traces() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let collector = Collector::start().await;
+    let process = ServerProcess::start(
+        &db,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+            // Warnings only, but for the start-up line the harness waits for.
+            ("RUST_LOG", "warn,rdev_api::app=info"),
+            FAST_EXPORT,
+        ],
+    )
+    .await;
+    let server = &process.server;
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let response = server
+        .client
+        .get(server.url("/api/v1/me"))
+        .bearer_auth(ADMIN_KEY)
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let trace_id = hex::decode(TRACE_ID).unwrap();
+    collector
+        .span(|r| r.span.trace_id == trace_id && r.span.name == "GET /api/v1/me")
+        .await;
+    // And the logs are as quiet as asked: nothing at info after the start.
+    let started = process.logs.lock().unwrap().len();
+    let _ = server.get("/api/v1/me", ADMIN_KEY).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = process.logs.lock().unwrap();
+    assert!(
+        logs[started..]
+            .iter()
+            .all(|line| !line.contains("\"INFO\"")),
+        "{:?}",
+        &logs[started..]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_carry_the_trace_id_without_export() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {

@@ -37,6 +37,9 @@ pub struct TraceExport {
     pub service_name: Option<String>,
     pub resource_attributes: Vec<(String, String)>,
     pub sampler: Sampler,
+    /// Which spans are exported (`RDEV_TRACE_FILTER`, `EnvFilter` syntax), apart from the log
+    /// filter: quieting the logs must not silence the traces.
+    pub filter: String,
 }
 
 /// Seconds one export may take before it is abandoned (a collector that accepts and never
@@ -108,23 +111,29 @@ fn tracer_provider(
 }
 
 /// Installs the global subscriber: log lines (JSON, or human text when `json` is false) and,
-/// when `export` is given, OpenTelemetry spans. JSON lines logged inside a request carry its
-/// span's fields, the `trace_id` among them.
+/// when `export` is given, OpenTelemetry spans. Each has its own filter: `RUST_LOG` for the
+/// lines, the export's own for the spans. JSON lines logged inside a request carry its span's
+/// fields, the `trace_id` among them.
 pub fn init(
     json: bool,
     export: Option<TraceExport>,
 ) -> Result<Telemetry, opentelemetry_otlp::ExporterBuildError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let span_filter = export.as_ref().map(|export| EnvFilter::new(&export.filter));
     let provider = export.map(tracer_provider).transpose()?;
-    let spans = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
+    let spans = provider
+        .as_ref()
+        .zip(span_filter)
+        .map(|(provider, filter)| {
+            tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("rdev-api"))
             .with_tracked_inactivity(false)
             // Spans start when first asked for their context (or when they end), not when
             // entered: the request span is named for its route template only after routing.
             .with_context_activation(false)
             .with_threads(false)
-    });
+            .with_filter(filter)
+        });
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = if json {
         logs.json()
@@ -136,8 +145,7 @@ pub fn init(
         logs.boxed()
     };
     let result = tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
+        .with(logs.with_filter(log_filter))
         .with(spans)
         .try_init();
     // A second init (tests starting several servers) keeps the first subscriber.
