@@ -58,9 +58,17 @@ async fn heap_profile_is_served_to_loopback_and_to_admins() {
             .lines()
             .any(|l| l.starts_with("rdev_commands_active "))
     );
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("rdev_process_resident_memory_bytes "))
-    );
+    // Process metrics under the standard names dashboards and alerts read.
+    for name in [
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name}missing"
+        );
+    }
+    assert!(!metrics.contains("rdev_process_"), "no prefixed copies");
 }

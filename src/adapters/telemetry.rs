@@ -1,6 +1,8 @@
 //! Logs, traces, metrics and profiles: JSON logs through `tracing`, OpenTelemetry spans exported
 //! over OTLP/HTTP when a collector is configured, a Prometheus registry (built here, never the
-//! process-global default) with the `rdev_` metrics, jemalloc heap profiles and CPU profiles.
+//! process-global default) with the `rdev_` metrics and the standard, unprefixed `process_*`
+//! ones (as every client library exports them, for the dashboards and alerts that read them),
+//! jemalloc heap profiles and CPU profiles.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -155,6 +157,8 @@ pub fn init(
 
 pub struct Metrics {
     registry: Registry,
+    /// `process_resident_memory_bytes` and the rest, under their standard names.
+    process: Registry,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     sse_active: IntGauge,
@@ -294,12 +298,14 @@ impl Metrics {
             &["state"],
         )?;
         registry.register(Box::new(webhook_circuits.clone()))?;
+        let process = Registry::new();
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
+        process.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
             registry,
+            process,
             http_requests,
             http_duration,
             sse_active,
@@ -381,7 +387,10 @@ impl OperatorMetrics for Metrics {
     fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(
+                &[self.registry.gather(), self.process.gather()].concat(),
+                &mut buffer,
+            )
             .expect("encoding gathered metrics into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
