@@ -528,7 +528,10 @@ pub async fn build_with_clock(
         profiler: Arc::new(JemallocProfiler),
         cpu_profiler: Arc::new(PprofCpuProfiler::default()),
         export_traces: config.otlp_endpoint.is_some(),
-        client_ip: Arc::new(ClientIpResolver::new(config.trusted_proxies.clone())),
+        client_ip: Arc::new(
+            ClientIpResolver::new(config.trusted_proxies.clone())
+                .trusting_loopback(config.trust_loopback),
+        ),
         probe: Arc::new(storage.clone()),
         shutdown: shutdown.clone(),
         draining: draining.clone(),

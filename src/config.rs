@@ -103,6 +103,12 @@ pub struct Config {
     #[arg(long, env = "RDEV_TRUSTED_PROXIES", value_name = "RDEV_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
     pub trusted_proxies: Vec<IpNet>,
 
+    /// Whether a request from loopback that no proxy forwarded is an operator on this host
+    /// (`kubectl exec ... curl localhost`), who may read `/debug/pprof/*` without a key. Set it
+    /// to `false` behind a service-mesh sidecar, where every request arrives from loopback.
+    #[arg(long, env = "RDEV_TRUST_LOOPBACK", value_name = "RDEV_TRUST_LOOPBACK", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::value_parser!(bool))]
+    pub trust_loopback: bool,
+
     /// Queue workers on this replica.
     #[arg(
         long,

@@ -72,3 +72,31 @@ async fn heap_profile_is_served_to_loopback_and_to_admins() {
     }
     assert!(!metrics.contains("rdev_process_"), "no prefixed copies");
 }
+
+/// Behind a service-mesh sidecar every request arrives from loopback: with
+/// `RDEV_TRUST_LOOPBACK=false` the profiles want an admin key even there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trusted_loopback_profiles_need_an_admin_key() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let process = ServerProcess::start(&db, &[("RDEV_TRUST_LOOPBACK", "false")]).await;
+    let server = &process.server;
+    for path in ["/debug/pprof/heap", "/debug/pprof/profile?seconds=1"] {
+        let anonymous = server.client.get(server.url(path)).send().await.unwrap();
+        problem(anonymous, StatusCode::UNAUTHORIZED).await;
+        let admin = server
+            .client
+            .get(server.url(path))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(admin.status(), StatusCode::OK, "{path}");
+    }
+    // /metrics, /health and /ready stay open: the probes and the scraper hold no key.
+    for path in ["/metrics", "/health", "/ready"] {
+        let response = server.client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+}

@@ -142,15 +142,33 @@ where
 }
 
 /// Finds the client address: the socket peer, or, when the peer is a trusted proxy, the
-/// right-most `X-Forwarded-For` hop that is not itself a trusted proxy.
-#[derive(Debug, Clone, Default)]
+/// right-most `X-Forwarded-For` hop that is not itself a trusted proxy. Also says whether a
+/// loopback peer counts as an operator on this host (`RDEV_TRUST_LOOPBACK`).
+#[derive(Debug, Clone)]
 pub struct ClientIpResolver {
     trusted: Vec<IpNet>,
+    /// False behind a service-mesh sidecar, where every request arrives from loopback.
+    trust_loopback: bool,
+}
+
+impl Default for ClientIpResolver {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl ClientIpResolver {
     pub fn new(trusted: Vec<IpNet>) -> Self {
-        Self { trusted }
+        Self {
+            trusted,
+            trust_loopback: true,
+        }
+    }
+
+    /// Whether a request from loopback, forwarded by nobody, is an operator's on this host.
+    pub fn trusting_loopback(mut self, trust: bool) -> Self {
+        self.trust_loopback = trust;
+        self
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -223,7 +241,8 @@ pub struct Credentials {
     pub client_ip: IpAddr,
     /// The request came over loopback and named no other origin (no `X-Forwarded-For`): it was
     /// made on this host, as `kubectl exec ... curl localhost` is. False when the socket peer is
-    /// unknown (a router served without `ConnectInfo`): an unknown peer is never local.
+    /// unknown (a router served without `ConnectInfo`): an unknown peer is never local. Always
+    /// false with `RDEV_TRUST_LOOPBACK=false`.
     pub local: bool,
     pub context: AuditContext,
     /// Where the key's rate decision goes for the response headers (absent when the router
@@ -268,7 +287,8 @@ impl Credentials {
             .or_else(|| header_text("x-api-key"));
         let trace_id =
             super::trace_context::request_trace_id(header_text("traceparent").as_deref());
-        let local = peer.is_some_and(|peer| peer.to_canonical().is_loopback())
+        let local = resolver.trust_loopback
+            && peer.is_some_and(|peer| peer.to_canonical().is_loopback())
             && !FORWARDING_HEADERS
                 .iter()
                 .any(|name| parts.headers.contains_key(*name));
@@ -595,6 +615,10 @@ mod tests {
             assert!(!local(&[(forwarding, "1.2.3.4")], loopback), "{forwarding}");
         }
         assert!(!local(&[], Some(IpAddr::from([10, 1, 2, 3]))));
+        // Behind a mesh sidecar loopback is everyone.
+        let meshed = ClientIpResolver::default().trusting_loopback(false);
+        let read = Credentials::read(&parts(&[]), loopback, &meshed).unwrap();
+        assert!(!read.local);
     }
 
     #[test]
