@@ -817,3 +817,30 @@ async fn a_stop_that_fails_is_retried_and_one_that_never_works_ends_lost() {
     assert_eq!(command["status"], "succeeded", "{command}");
     cluster.server.stop().await;
 }
+
+/// A command (or environment) too long for the exec request's query string goes through stdin,
+/// where no proxy in front of the API server limits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_command_reaches_the_pod_through_stdin() {
+    let cluster = Cluster::start(Backend::Sqlite).await.unwrap();
+    cluster.fake.add_pod(PodSpec::running("apps", "web-0"));
+    let project = cluster
+        .project("long", json!({"namespace": "apps", "pod": "web-0"}))
+        .await;
+    let filler = "x".repeat(40 * 1024);
+    let command = format!("echo start; : '{filler}'; echo \"${{#LONG}}\"; echo end");
+    let (events, command) = cluster
+        .run(
+            &project,
+            json!({"command": command, "env": {"LONG": "y".repeat(20_000)}}),
+        )
+        .await;
+    assert_eq!(command["status"], "succeeded", "{command}");
+    assert_eq!(output_of(&events, "stdout"), "start\n20000\nend\n");
+    assert!(
+        cluster.fake.longest_exec_query() < 8 * 1024,
+        "{} bytes of query",
+        cluster.fake.longest_exec_query()
+    );
+    cluster.server.stop().await;
+}

@@ -201,6 +201,8 @@ struct Inner {
     /// Execs whose command contains the text are answered 500 this many more times.
     failing_execs: Mutex<Vec<(String, u32)>>,
     failed_execs: AtomicU64,
+    /// The longest exec query string seen, in bytes.
+    longest_exec_query: AtomicU64,
     address: SocketAddr,
 }
 
@@ -227,6 +229,7 @@ impl FakeKube {
             ready_delay: Mutex::new(Duration::from_millis(300)),
             failing_execs: Mutex::new(Vec::new()),
             failed_execs: AtomicU64::new(0),
+            longest_exec_query: AtomicU64::new(0),
             address,
         });
         let router = Router::new()
@@ -343,6 +346,11 @@ impl FakeKube {
             .lock()
             .unwrap()
             .push((text.to_owned(), times));
+    }
+
+    /// The longest exec request query string seen so far, in bytes.
+    pub fn longest_exec_query(&self) -> u64 {
+        self.inner.longest_exec_query.load(Ordering::SeqCst)
     }
 
     /// Execs answered 500 by [`FakeKube::fail_execs`] so far.
@@ -682,6 +690,10 @@ async fn exec(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let query_len = query.as_deref().map_or(0, str::len) as u64;
+    inner
+        .longest_exec_query
+        .fetch_max(query_len, Ordering::SeqCst);
     let options = ExecOptions::parse(query.as_deref());
     let (uid, deleted, default_container, containers, running) = {
         let pods = inner.pods.lock().unwrap();

@@ -146,18 +146,20 @@ impl KubeApi {
             })
     }
 
-    /// Starts `argv` in a container; output and the exit status come over the stream.
+    /// Starts `argv` in a container; output and the exit status come over the stream, and,
+    /// with `stdin`, input goes to it.
     pub async fn exec(
         &self,
         namespace: &str,
         pod: &str,
         container: &str,
         argv: Vec<String>,
+        stdin: bool,
     ) -> Result<kube::api::AttachedProcess, PodError> {
         let api = self.pods(namespace);
         let params = kube::api::AttachParams {
             container: Some(container.to_owned()),
-            stdin: false,
+            stdin,
             stdout: true,
             stderr: true,
             tty: false,
@@ -226,10 +228,12 @@ impl KubeApi {
     }
 }
 
-/// A transport failure, a 5xx or a 429 counts against the API; any other answer is an answer.
+/// A transport failure, a 5xx or a 429 counts against the API; any other answer is an answer,
+/// and a request that could not be built never reached it.
 fn counts_against_the_api(error: &kube::Error) -> bool {
     match error {
         kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+        kube::Error::BuildRequest(_) | kube::Error::HttpError(_) => false,
         _ => true,
     }
 }
@@ -361,6 +365,26 @@ mod tests {
         let connected = KubeApi::connect(&source, settings, Arc::new(NoMetrics)).await;
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(connected.is_ok());
+    }
+
+    #[test]
+    fn a_request_that_could_not_be_built_does_not_count_against_the_api() {
+        let unbuildable = axum::http::Request::builder()
+            .uri("http://in valid/")
+            .body(())
+            .unwrap_err();
+        assert!(!counts_against_the_api(&kube::Error::HttpError(
+            unbuildable
+        )));
+        let status = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(counts_against_the_api(&status(503)));
+        assert!(counts_against_the_api(&status(429)));
+        assert!(!counts_against_the_api(&status(404)));
     }
 
     #[test]

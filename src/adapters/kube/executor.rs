@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::api::AttachedProcess;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -80,16 +80,31 @@ impl Executor for KubeExecutor {
         let namespace = target.namespace.as_str().to_owned();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let uid = pod.metadata.uid.clone();
-        let argv = vec![
-            "sh".to_owned(),
-            "-c".to_owned(),
-            script::start(&request.command, &request.workdir, &request.env),
-        ];
+        let script = script::start(&request.command, &request.workdir, &request.env);
+        // A long script goes through stdin: in the query string it could outgrow what a proxy
+        // in front of the API server takes.
+        let inline = script.len() <= script::MAX_INLINE_SCRIPT;
+        let shell = if inline {
+            script.clone()
+        } else {
+            script::from_stdin(script.len())
+        };
+        let argv = vec!["sh".to_owned(), "-c".to_owned(), shell];
         let mut process = self
             .api
-            .exec(&namespace, &name, &container, argv)
+            .exec(&namespace, &name, &container, argv, !inline)
             .await
             .map_err(start_error)?;
+        if !inline {
+            let mut stdin = process.stdin().expect("exec asked for stdin");
+            let written = async {
+                stdin.write_all(script.as_bytes()).await?;
+                stdin.shutdown().await
+            };
+            written
+                .await
+                .map_err(|e| PortError::Unavailable(Box::new(e)))?;
+        }
         let stdout = process.stdout().expect("exec asked for stdout");
         let stderr = process.stderr().expect("exec asked for stderr");
         let mut status: StatusFuture = Box::pin(process.take_status().expect("status taken once"));
@@ -255,7 +270,7 @@ impl RemoteGroup {
         let stopped = tokio::time::timeout(grace + STOP_SLACK, async {
             let mut process = self
                 .api
-                .exec(&self.namespace, &self.pod, &self.container, argv)
+                .exec(&self.namespace, &self.pod, &self.container, argv, false)
                 .await
                 .map_err(|e| e.to_string())?;
             let status = process.take_status().expect("status taken once");

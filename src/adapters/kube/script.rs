@@ -34,6 +34,18 @@ pub fn start(command: &str, workdir: &str, env: &[(String, String)]) -> String {
     script
 }
 
+/// A script at most this long goes in the exec request's query string (as `command=` values,
+/// percent-encoded to at most three times that); a longer one goes through stdin. Proxies in
+/// front of API servers commonly refuse request lines past 8 KiB, and a command may be 64 KiB
+/// with 4 MiB of environment.
+pub const MAX_INLINE_SCRIPT: usize = 2048;
+
+/// `sh -c` script that reads a script of `len` bytes from stdin and runs it. `head -c` stops
+/// at `len` bytes, so it needs no end of input (the v4 exec protocol cannot close stdin).
+pub fn from_stdin(len: usize) -> String {
+    format!("s=$(head -c {len}) && eval \"$s\"")
+}
+
 /// `sh -c` script: SIGTERM to group `pgid`, SIGKILL after `grace` if any member is left, and
 /// exit 0 only when no member is alive. A zombie counts as gone: it runs nothing, and a
 /// container's PID 1 may never reap it.
@@ -91,6 +103,29 @@ mod tests {
         assert_eq!(lines.collect::<Vec<_>>(), ["/tmp", "it's \"hi\" $x"]);
         assert_eq!(out.stderr, b"e\n");
         assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn a_script_read_from_stdin_runs_as_if_it_were_inline() {
+        let env = vec![("BIG".to_owned(), "x".repeat(10_000))];
+        let script = start("echo ${#BIG}; echo 'it''s'; exit 4", "/tmp", &env);
+        assert!(script.len() > MAX_INLINE_SCRIPT);
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(from_stdin(script.len()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Stdin stays open after the script, as a v4 exec stream's does.
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<_> = stdout.lines().skip(1).collect();
+        assert_eq!(lines, ["10000", "its"]);
+        assert_eq!(out.status.code(), Some(4));
     }
 
     #[test]
