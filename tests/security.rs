@@ -988,3 +988,63 @@ fn items(page: &serde_json::Value) -> Vec<serde_json::Value> {
         page => page["items"].as_array().cloned().unwrap_or_default(),
     }
 }
+
+/// A stream token stands for its key as it was: rotating the key (its secret leaked) or
+/// revoking it ends the tokens issued before, also ones still within their lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_or_revoking_a_key_ends_its_stream_tokens() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let server = TestServer::start(&db).await;
+    let project = server.create_project("tokens", json!({})).await;
+    let command = server
+        .submit(&project, json!({"command": "sleep 60"}))
+        .await;
+    for (action, method) in [
+        ("rotate", reqwest::Method::POST),
+        ("", reqwest::Method::DELETE),
+    ] {
+        let (key, secret) = server
+            .create_key(json!({"name": "viewer", "scopes": ["read"]}))
+            .await;
+        let issued = server
+            .post(
+                &format!("/api/v1/commands/{command}/stream-token"),
+                &secret,
+                json!({}),
+            )
+            .await;
+        assert_eq!(issued.status(), 200);
+        let url: serde_json::Value = issued.json().await.unwrap();
+        let events_url = url["events_url"].as_str().unwrap().to_owned();
+        let open = server
+            .client
+            .get(server.url(&events_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(open.status(), 200, "the token opens the stream");
+        drop(open);
+
+        let path = if action.is_empty() {
+            format!("/api/v1/api-keys/{key}")
+        } else {
+            format!("/api/v1/api-keys/{key}/{action}")
+        };
+        let changed = server.send(method, &path, ADMIN_KEY, None).await;
+        assert!(
+            changed.status().is_success(),
+            "{path}: {}",
+            changed.status()
+        );
+        let refused = server
+            .client
+            .get(server.url(&events_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401, "{path}: the token died with the key");
+    }
+    server.stop().await;
+}

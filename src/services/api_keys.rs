@@ -114,10 +114,12 @@ impl ApiKeyService {
         Ok(self.caller(key, now, context))
     }
 
-    /// A caller for key `id` whose possession was proven another way (a stream token).
+    /// A caller for key `id` whose possession was proven another way (a stream token, issued
+    /// while the key had the public part `prefix`: a key rotated since is refused).
     pub async fn authenticate_as(
         &self,
         id: ApiKeyId,
+        prefix: &str,
         client: IpAddr,
         context: AuditContext,
     ) -> Result<Caller, ServiceError> {
@@ -125,7 +127,9 @@ impl ApiKeyService {
             .keys
             .get(id)
             .await
-            .map_err(|_| ServiceError::Unauthenticated(KeyRejection::Invalid))?;
+            .ok()
+            .filter(|key| key.prefix == prefix)
+            .ok_or(ServiceError::Unauthenticated(KeyRejection::Invalid))?;
         let now = self.clock.now();
         key.usable(client, now)
             .map_err(ServiceError::Unauthenticated)?;
@@ -139,6 +143,7 @@ impl ApiKeyService {
             .insert(key.id, now);
         Caller {
             key_id: key.id,
+            key_prefix: key.prefix,
             scopes: key.scopes,
             project_ids: key.project_ids,
             rate_limit: key.rate_limit,

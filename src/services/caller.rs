@@ -10,6 +10,9 @@ use super::ServiceError;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key_id: ApiKeyId,
+    /// The public part of the key as presented; a rotation changes it, which ends the stream
+    /// tokens issued to the key before.
+    pub key_prefix: String,
     pub scopes: Scopes,
     /// Projects the key may see; empty means all.
     pub project_ids: Vec<ProjectId>,
@@ -25,6 +28,7 @@ impl Caller {
     pub fn operator() -> Self {
         Self {
             key_id: ApiKeyId::from_uuid(uuid::Uuid::nil()),
+            key_prefix: String::new(),
             scopes: Scopes::admin(),
             project_ids: vec![],
             rate_limit: None,

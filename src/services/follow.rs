@@ -125,9 +125,11 @@ pub struct StreamTokens {
 }
 
 /// What a genuine token says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenClaims {
     pub key: ApiKeyId,
+    /// The key's public part when the token was issued: the token dies with a rotation.
+    pub key_prefix: String,
     pub expires: OffsetDateTime,
 }
 
@@ -143,10 +145,11 @@ impl StreamTokens {
         &self,
         command: CommandId,
         key: ApiKeyId,
+        key_prefix: &str,
         now: OffsetDateTime,
     ) -> (String, OffsetDateTime) {
         let expires = now + self.ttl;
-        let claims = format!("{command}.{key}.{}", expires.unix_timestamp());
+        let claims = format!("{command}.{key}.{key_prefix}.{}", expires.unix_timestamp());
         let token = format!("{claims}.{}", URL_SAFE_NO_PAD.encode(self.sign(&claims)));
         (token, expires)
     }
@@ -159,12 +162,14 @@ impl StreamTokens {
         mac.update(claims.as_bytes());
         mac.verify_slice(&signature).ok()?;
         let mut parts = claims.split('.');
-        let (for_command, key, expires) = (parts.next()?, parts.next()?, parts.next()?);
+        let (for_command, key, key_prefix, expires) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         if for_command != command.to_string() {
             return None;
         }
         Some(TokenClaims {
             key: key.parse().ok()?,
+            key_prefix: key_prefix.to_owned(),
             expires: OffsetDateTime::from_unix_timestamp(expires.parse().ok()?).ok()?,
         })
     }
@@ -235,7 +240,9 @@ impl FollowService {
         id: CommandId,
     ) -> Result<(String, OffsetDateTime), ServiceError> {
         self.commands.visible(caller, id).await?;
-        Ok(self.tokens.issue(id, caller.key_id, self.clock.now()))
+        Ok(self
+            .tokens
+            .issue(id, caller.key_id, &caller.key_prefix, self.clock.now()))
     }
 
     /// The key a stream token stands for, or `None` when it does not open `id`'s stream now.
@@ -243,23 +250,20 @@ impl FollowService {
         &self,
         token: &str,
         id: CommandId,
-    ) -> Result<Option<ApiKeyId>, ServiceError> {
+    ) -> Result<Option<TokenClaims>, ServiceError> {
         let Some(claims) = self.tokens.verify(token, id) else {
             return Ok(None);
         };
         let now = self.clock.now();
         if now < claims.expires {
-            return Ok(Some(claims.key));
+            return Ok(Some(claims));
         }
         let command = self
             .store
             .get(id)
             .await
             .map_err(|e| ServiceError::from_port(e, "command"))?;
-        Ok(self
-            .tokens
-            .admits(&claims, &command, now)
-            .then_some(claims.key))
+        Ok(self.tokens.admits(&claims, &command, now).then_some(claims))
     }
 
     /// Events of command `id` after output sequence `after`. The stream holds a slot of the
@@ -466,8 +470,14 @@ mod tests {
         let tokens = StreamTokens::new(b"secret".to_vec(), TTL);
         let (command, key) = (CommandId::new(), ApiKeyId::new());
         let now = OffsetDateTime::now_utc();
-        let (token, expires) = tokens.issue(command, key, now);
+        let (token, expires) = tokens.issue(command, key, "abcd1234", now);
         assert_eq!(tokens.verify(&token, command).map(|c| c.key), Some(key));
+        assert_eq!(
+            tokens.verify(&token, command).map(|c| c.key_prefix),
+            Some("abcd1234".to_owned())
+        );
+        let other_prefix = token.replace("abcd1234", "zzzz9999");
+        assert_eq!(tokens.verify(&other_prefix, command), None);
         assert_eq!(
             tokens
                 .verify(&token, command)
@@ -489,6 +499,7 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let claims = TokenClaims {
             key: ApiKeyId::new(),
+            key_prefix: "abcd1234".into(),
             expires: now + TTL,
         };
         let hour_later = now + time::Duration::hours(1);

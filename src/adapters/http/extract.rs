@@ -466,12 +466,17 @@ impl FromRequestParts<AppState> for StreamCaller {
         credentials.guard(state).await?;
         let ApiPath(command) = ApiPath::<CommandId>::from_request_parts(parts, state).await?;
         let client_ip = credentials.client_ip;
-        let Some(key) = state.follow.token_key(&token, command).await? else {
+        let Some(claims) = state.follow.token_key(&token, command).await? else {
             return Err(refused(state, client_ip, None, KeyRejection::Invalid).await);
         };
         match state
             .keys
-            .authenticate_as(key, client_ip, credentials.context)
+            .authenticate_as(
+                claims.key,
+                &claims.key_prefix,
+                client_ip,
+                credentials.context,
+            )
             .await
         {
             Ok(caller) => admit(state, caller, credentials.rate_decision.as_ref())
