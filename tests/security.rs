@@ -1048,3 +1048,56 @@ async fn rotating_or_revoking_a_key_ends_its_stream_tokens() {
     }
     server.stop().await;
 }
+
+/// The queue is shared, and a queued command's `position` is its place in it: a global count,
+/// which includes other projects' commands ahead but names none of them. `GET /queue` shows a
+/// limited key only its own projects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_position_is_a_global_count_that_names_no_other_project() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let mut config = support::test_config(&db);
+    config.workers = 0;
+    let server = TestServer::start_with(config).await;
+    let theirs = server.create_project("theirs", json!({})).await;
+    let mine = server.create_project("mine", json!({})).await;
+    for n in 0..3 {
+        server
+            .submit(&theirs, json!({"command": format!("echo {n}")}))
+            .await;
+    }
+    let (_, limited) = server
+        .create_key(
+            json!({"name": "mine-only", "scopes": ["read", "execute"], "project_ids": [mine]}),
+        )
+        .await;
+    let submitted = server
+        .post(
+            &format!("/api/v1/projects/{mine}/commands"),
+            &limited,
+            json!({"command": "echo mine"}),
+        )
+        .await;
+    assert_eq!(submitted.status(), 202);
+    let body = submitted.text().await.unwrap();
+    let command: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(command["position"], 4, "three of theirs ahead: {body}");
+    assert!(!body.contains(&theirs), "no other project named: {body}");
+    let queue = server
+        .get("/api/v1/queue", &limited)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!queue.contains(&theirs), "{queue}");
+    let queue: serde_json::Value = serde_json::from_str(&queue).unwrap();
+    let projects = queue["projects"].as_array().unwrap();
+    assert_eq!(projects.len(), 1, "{queue}");
+    assert_eq!(projects[0]["project_id"], mine.as_str());
+    assert_eq!(
+        queue["queued_total"], 1,
+        "only its own queued commands: {queue}"
+    );
+    server.stop().await;
+}
