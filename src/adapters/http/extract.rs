@@ -415,7 +415,7 @@ impl FromRequestParts<AppState> for Caller {
 #[derive(Debug)]
 pub enum AdminOrLocal {
     Local,
-    Admin(Caller),
+    Admin(Box<Caller>),
 }
 
 impl FromRequestParts<AppState> for AdminOrLocal {
@@ -428,7 +428,7 @@ impl FromRequestParts<AppState> for AdminOrLocal {
         }
         let caller = credentials.authenticate(state).await?;
         caller.require(Scope::Admin)?;
-        Ok(AdminOrLocal::Admin(caller))
+        Ok(AdminOrLocal::Admin(Box::new(caller)))
     }
 }
 
