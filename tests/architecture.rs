@@ -90,6 +90,9 @@ use crate::domain::application::Form; // not crate::app
 use crate::apply::x;
 /// Mirrors `axum::Json` without depending on it.
 fn tower_height() -> u32 { my_axum::x() + kube_like::y() }
+fn range(first: u16) -> &'static str {
+    if first == 0 { "local-use NAT64" } else { "other-use x" }
+}
 "#;
     assert_eq!(outward_paths(source), Vec::<(usize, String)>::new());
 }
@@ -216,14 +219,22 @@ fn grouped_use_leaves(code: &str) -> Vec<(usize, String)> {
     leaves
 }
 
-/// The start of the next `use` keyword (at an identifier boundary).
+/// The start of the next `use` keyword where a statement can begin: after `;`, a brace, an
+/// attribute or a visibility, not inside an expression (so `"local-use x"` in a string is no
+/// `use`).
 fn find_use(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
     let mut from = 0;
     while let Some(found) = text[from..].find("use") {
         let at = from + found;
-        let before_ok =
-            at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+        let before = text[..at].trim_end();
+        let visibility = before.ends_with("pub")
+            || before
+                .rfind("pub(")
+                .is_some_and(|open| before.ends_with(')') && !before[open..].contains(' '));
+        let before_ok = before.is_empty()
+            || before.ends_with([';', '{', '}', ']'])
+            || (visibility && (at == 0 || !bytes[at - 1].is_ascii_alphanumeric()));
         let after_ok = bytes.get(at + 3).is_some_and(|b| b.is_ascii_whitespace());
         if before_ok && after_ok {
             return Some(at);
