@@ -220,9 +220,14 @@ command -v go >/dev/null || fail "go is not installed (Debian: golang-go): go to
 mkdir -p "$scratch/no-binaries"
 PPROF_BINARY_PATH="$scratch/no-binaries" go tool pprof -top "$scratch/heap.prof" >"$scratch/pprof.txt" 2>&1 \
   || fail "go tool pprof -top could not read the heap profile" "$(head -n 20 "$scratch/pprof.txt")"
-grep -Eq 'rdev_api|tokio' "$scratch/pprof.txt" \
-  || fail "go tool pprof -top shows no function names in the heap profile, only addresses: /debug/pprof/heap does not symbolise its profile in-process, and the operator has no binary to symbolise it with" \
+# The top lines name functions, not addresses; the full stacks reach into the server's code.
+! grep -Eq '^ .*%  +0x[0-9a-f]+$' "$scratch/pprof.txt" \
+  || fail "go tool pprof -top shows addresses, not function names: /debug/pprof/heap does not symbolise its profile in-process, and the operator has no binary to symbolise it with" \
     "$(head -n 12 "$scratch/pprof.txt")"
+PPROF_BINARY_PATH="$scratch/no-binaries" go tool pprof -traces "$scratch/heap.prof" >"$scratch/traces.txt" 2>&1
+grep -Eq 'rdev_api|tokio|block_on' "$scratch/traces.txt" \
+  || fail "the heap profile's stacks name none of the server's functions" \
+    "$(head -n 30 "$scratch/traces.txt")"
 ok "the runbook's heap profile reads with go tool pprof -top, with function names"
 
 # The image's HEALTHCHECK (curl /health every 10 s), which compose's depends_on relies on.
