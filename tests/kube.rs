@@ -83,6 +83,14 @@ impl Cluster {
     }
 }
 
+/// A finished command's status and termination reason, for one assertion.
+fn ended(command: &Value) -> (&str, &str) {
+    (
+        command["status"].as_str().unwrap_or_default(),
+        command["termination_reason"].as_str().unwrap_or_default(),
+    )
+}
+
 fn json_data(event: &eventsource_stream::Event) -> Value {
     serde_json::from_str(&event.data).unwrap()
 }
@@ -219,13 +227,7 @@ async fn timeout_and_cancel_stop_the_remote_process_group() {
         .server
         .wait_for(&timed, None, Duration::from_secs(30))
         .await;
-    assert_eq!(
-        (
-            command["status"].as_str(),
-            command["termination_reason"].as_str()
-        ),
-        (Some("timed_out"), Some("timeout"))
-    );
+    assert_eq!(ended(&command), ("timed_out", "timeout"), "{command}");
     cluster
         .no_remote_processes_within(Duration::from_secs(10))
         .await;
@@ -253,13 +255,7 @@ async fn timeout_and_cancel_stop_the_remote_process_group() {
         .server
         .wait_for(&cancelled, None, Duration::from_secs(30))
         .await;
-    assert_eq!(
-        (
-            command["status"].as_str(),
-            command["termination_reason"].as_str()
-        ),
-        (Some("cancelled"), Some("cancel"))
-    );
+    assert_eq!(ended(&command), ("cancelled", "cancel"), "{command}");
     cluster
         .no_remote_processes_within(Duration::from_secs(10))
         .await;
@@ -303,14 +299,7 @@ async fn missing_pods_containers_and_unready_pods_fail_the_start_clearly() {
     for (i, (target, expected)) in cases.into_iter().enumerate() {
         let project = cluster.project(&format!("broken-{i}"), target).await;
         let (_, command) = cluster.run(&project, json!({"command": "echo hi"})).await;
-        assert_eq!(
-            (
-                command["status"].as_str(),
-                command["termination_reason"].as_str()
-            ),
-            (Some("failed"), Some("start_failed")),
-            "{command}"
-        );
+        assert_eq!(ended(&command), ("failed", "start_failed"), "{command}");
         let error = command["error"].as_str().unwrap();
         assert!(error.contains(expected), "{error:?} lacks {expected:?}");
     }
@@ -359,14 +348,7 @@ async fn a_pod_deleted_mid_command_leaves_it_lost() {
         .server
         .wait_for(&id, None, Duration::from_secs(30))
         .await;
-    assert_eq!(
-        (
-            command["status"].as_str(),
-            command["termination_reason"].as_str()
-        ),
-        (Some("lost"), Some("lost")),
-        "{command}"
-    );
+    assert_eq!(ended(&command), ("lost", "lost"), "{command}");
     let error = command["error"].as_str().unwrap();
     assert!(
         error.contains("pod apps/web-0 was deleted while the command ran"),
@@ -752,14 +734,7 @@ async fn a_stop_that_fails_is_retried_and_one_that_never_works_ends_lost() {
     let command = server
         .wait_for(&retried, None, Duration::from_secs(30))
         .await;
-    assert_eq!(
-        (
-            command["status"].as_str(),
-            command["termination_reason"].as_str()
-        ),
-        (Some("cancelled"), Some("cancel")),
-        "{command}"
-    );
+    assert_eq!(ended(&command), ("cancelled", "cancel"), "{command}");
     assert_eq!(
         cluster.fake.failed_execs(),
         2,
@@ -790,14 +765,7 @@ async fn a_stop_that_fails_is_retried_and_one_that_never_works_ends_lost() {
     .await;
     let command = server.wait_for(&stuck, None, Duration::from_secs(30)).await;
     let waited = cancelled_at.elapsed();
-    assert_eq!(
-        (
-            command["status"].as_str(),
-            command["termination_reason"].as_str()
-        ),
-        (Some("lost"), Some("lost")),
-        "{command}"
-    );
+    assert_eq!(ended(&command), ("lost", "lost"), "{command}");
     let error = command["error"].as_str().unwrap();
     assert!(
         error.contains("did not end within 6s of being stopped (cancel)"),

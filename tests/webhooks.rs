@@ -426,17 +426,20 @@ async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
     server.stop().await;
 }
 
-/// A listener that accepts connections and never answers.
-async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A listener that accepts connections and never answers, counting them.
+async fn black_hole() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(stream);
         }
     });
-    (addr, task)
+    (addr, accepted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +453,7 @@ async fn a_black_holed_endpoint_does_not_slow_a_healthy_one() {
     config.webhook_concurrency = 16;
     config.webhook_endpoint_concurrency = 4;
     let server = TestServer::start_with(config).await;
-    let (hole, _task) = black_hole().await;
+    let (hole, _) = black_hole().await;
     let (dead, _) = create_webhook(&server, &format!("http://{hole}/hook"), &["*"]).await;
     let receiver = Receiver::start(&[]).await;
     let (healthy, _) = create_webhook(&server, &receiver.url(), &["*"]).await;
@@ -695,22 +698,6 @@ async fn endpoint_changes_are_audited_without_the_secret_and_rotation_signs_with
     server.stop().await;
 }
 
-/// A listener that counts the connections it accepts (and answers none).
-async fn counting_listener() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
-    (addr, accepted)
-}
-
 /// Behind a proxy the proxy resolves the host, and the guard would judge nothing: the proxy
 /// variables of the server's environment are not used for webhooks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,7 +705,7 @@ async fn the_servers_proxy_variables_do_not_carry_webhooks_past_the_guard() {
     let db = TestDb::new(Backend::Sqlite)
         .await
         .expect("SQLite needs no server");
-    let (proxy, reached_proxy) = counting_listener().await;
+    let (proxy, reached_proxy) = black_hole().await;
     let proxy_url = format!("http://{proxy}");
     let process = ServerProcess::start(
         &db,
@@ -737,7 +724,7 @@ async fn the_servers_proxy_variables_do_not_carry_webhooks_past_the_guard() {
     let (webhook, _) =
         create_webhook(server, "http://203.0.113.7/hook", &["command.succeeded"]).await;
     // The endpoint now leads to loopback, as a rebound name or an old row would.
-    let (receiver, reached_receiver) = counting_listener().await;
+    let (receiver, reached_receiver) = black_hole().await;
     db.execute(&format!(
         "UPDATE webhooks SET url = 'http://localhost:{}/hook'",
         receiver.port()
@@ -847,7 +834,7 @@ async fn an_endless_answer_is_not_read() {
 /// resolving (and refusing) to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_egress_proxy_carries_every_webhook() {
-    let (proxy, reached_proxy) = counting_listener().await;
+    let (proxy, reached_proxy) = black_hole().await;
     let sender = HttpWebhookSender::new(SenderSettings {
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_millis(500),
