@@ -404,7 +404,8 @@ async fn project_crud_and_validation(backend: Backend) {
             json!({"name": "web-app", "workdir": "/tmp"}),
         )
         .await;
-    problem(duplicate, StatusCode::CONFLICT).await;
+    let body = problem(duplicate, StatusCode::CONFLICT).await;
+    assert_eq!(body["type"], "urn:rdev:problem:already-exists");
 
     // Every bad field is reported, each with its pointer.
     let invalid = server
@@ -850,6 +851,22 @@ async fn operations_endpoints(backend: Backend) {
 
     let openapi = server.openapi().await;
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+    let types = &openapi["components"]["schemas"]["Problem"]["properties"]["type"]["enum"];
+    for kind in [
+        "validation",
+        "already-exists",
+        "project-busy",
+        "already-ended",
+        "idempotency-mismatch",
+    ] {
+        let uri = format!("urn:rdev:problem:{kind}");
+        assert!(
+            types
+                .as_array()
+                .is_some_and(|t| t.contains(&uri.clone().into())),
+            "{uri} missing from the Problem schema: {types}"
+        );
+    }
     for path in [
         "/api/v1/projects",
         "/api/v1/api-keys/{id}/rotate",

@@ -281,7 +281,7 @@ async fn cancel_stops_the_whole_process_group(backend: Backend) {
     assert_eq!(end["termination_reason"], "cancel");
     wait_until_gone(child_pid, "the cancel").await;
     assert_eq!(server.command(&queued).await["status"], "cancelled");
-    problem(
+    let ended = problem(
         server
             .post(
                 &format!("/api/v1/commands/{running}/cancel"),
@@ -292,6 +292,7 @@ async fn cancel_stops_the_whole_process_group(backend: Backend) {
         StatusCode::CONFLICT,
     )
     .await;
+    assert_eq!(ended["type"], "urn:rdev:problem:already-ended");
     server.stop().await;
 }
 
@@ -544,11 +545,12 @@ async fn submit_validation_idempotency_and_queue_limits(backend: Backend) {
     assert_eq!(again.status(), StatusCode::ACCEPTED);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
-    problem(
+    let reused = problem(
         submit("build-42", "make other").await.unwrap(),
         StatusCode::CONFLICT,
     )
     .await;
+    assert_eq!(reused["type"], "urn:rdev:problem:idempotency-mismatch");
 
     server.submit(&project, json!({"command": "true"})).await;
     let urgent = server
@@ -585,13 +587,14 @@ async fn submit_validation_idempotency_and_queue_limits(backend: Backend) {
     assert_eq!(older["items"][0]["id"], first["id"]);
 
     // A project with active commands cannot be deleted.
-    problem(
+    let busy = problem(
         server
             .delete(&format!("/api/v1/projects/{project}"), ADMIN_KEY)
             .await,
         StatusCode::CONFLICT,
     )
     .await;
+    assert_eq!(busy["type"], "urn:rdev:problem:project-busy");
     server.stop().await;
 }
 

@@ -141,6 +141,7 @@ pub fn router(state: AppState) -> Router {
     let api = api.merge(console::routes());
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi::declare_problem_responses(&mut openapi);
+    openapi::declare_problem_types(&mut openapi);
     openapi::declare_rate_limits(&mut openapi);
     let openapi = Arc::new(openapi);
     api.route(

@@ -327,9 +327,7 @@ impl ApiKeyService {
         caller.require_unrestricted_admin()?;
         let mut key = self.find(id).await?;
         if key.revoked_at.is_some() {
-            return Err(ServiceError::Conflict(
-                "a revoked key cannot be rotated".into(),
-            ));
+            return Err(ServiceError::KeyRevoked);
         }
         let secret = PresentedKey::generate(&mut rand::rng());
         key.rotate(&secret);

@@ -1,6 +1,7 @@
 //! What a use case reports. The HTTP adapter maps each variant to one problem type.
 
 use crate::domain::api_key::{KeyRejection, Scope};
+use crate::domain::command::CommandStatus;
 use crate::domain::rate_limit::{RateDecision, ceil_secs};
 use crate::domain::{DomainError, FieldError};
 use crate::ports::{PodError, PortError};
@@ -19,8 +20,28 @@ pub enum ServiceError {
     LimitedKey,
     #[error("{0} not found")]
     NotFound(&'static str),
-    #[error("{0}")]
-    Conflict(String),
+    /// A uniqueness rule refused the change; says what is taken.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// The change names a row that does not exist.
+    #[error("a referenced resource does not exist")]
+    MissingReference,
+    #[error("the project has {active} queued or running commands; cancel them first")]
+    ProjectBusy { active: i64 },
+    #[error("the command already ended ({0})")]
+    AlreadyEnded(CommandStatus),
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyMismatch,
+    /// A lifecycle step the current state does not allow.
+    #[error("cannot go from {from} to {to}")]
+    InvalidTransition {
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error("this project has no Kubernetes target")]
+    NoKubeTarget,
+    #[error("a revoked key cannot be rotated")]
+    KeyRevoked,
     #[error("the queue is full ({queued} commands waiting; {limit})")]
     QueueFull {
         queued: u64,
@@ -52,7 +73,9 @@ impl From<DomainError> for ServiceError {
     fn from(error: DomainError) -> Self {
         match error {
             DomainError::Invalid(fields) => ServiceError::Invalid(fields),
-            DomainError::InvalidTransition { .. } => ServiceError::Conflict(error.to_string()),
+            DomainError::InvalidTransition { from, to } => {
+                ServiceError::InvalidTransition { from, to }
+            }
         }
     }
 }
@@ -62,11 +85,11 @@ impl ServiceError {
     pub fn from_port(error: PortError, what: &'static str) -> Self {
         match error {
             PortError::NotFound => ServiceError::NotFound(what),
-            PortError::AlreadyExists(_)
-            | PortError::MissingReference
-            | PortError::ProjectBusy { .. }
-            | PortError::AlreadyEnded(_)
-            | PortError::IdempotencyMismatch => ServiceError::Conflict(error.to_string()),
+            PortError::AlreadyExists(taken) => ServiceError::AlreadyExists(taken),
+            PortError::MissingReference => ServiceError::MissingReference,
+            PortError::ProjectBusy { active } => ServiceError::ProjectBusy { active },
+            PortError::AlreadyEnded(status) => ServiceError::AlreadyEnded(status),
+            PortError::IdempotencyMismatch => ServiceError::IdempotencyMismatch,
             PortError::Unavailable(_) => ServiceError::Unavailable(error),
             // Internal to the queue and executors: a request never meets these.
             PortError::LeaseLost | PortError::Refused(_) | PortError::Backend(_) => {

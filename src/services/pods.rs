@@ -79,9 +79,7 @@ impl PodService {
             .pods
             .as_ref()
             .ok_or(ServiceError::KubeNotConfigured)?;
-        let target = project.target.as_ref().ok_or_else(|| {
-            ServiceError::Conflict("this project has no Kubernetes target".to_owned())
-        })?;
+        let target = project.target.as_ref().ok_or(ServiceError::NoKubeTarget)?;
         Ok((pods, target))
     }
 }

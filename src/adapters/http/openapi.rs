@@ -6,7 +6,7 @@
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, ResponseBuilder};
 
-use super::problem::PROBLEM_JSON;
+use super::problem::{PROBLEM_JSON, ProblemKind};
 
 /// Statuses and why, by what an operation has.
 const AUTHENTICATED: &[(u16, &str)] = &[
@@ -117,6 +117,29 @@ fn problem_response(description: &str) -> RefOr<utoipa::openapi::Response> {
             .content(PROBLEM_JSON, Content::new(Some(problem_schema())))
             .build(),
     )
+}
+
+/// Lists every problem `type` the server answers with on the `Problem` schema, so that clients
+/// tell errors apart by type instead of parsing their messages.
+pub fn declare_problem_types(openapi: &mut OpenApi) {
+    use utoipa::openapi::schema::Schema;
+    let Some(RefOr::T(Schema::Object(problem))) = openapi
+        .components
+        .as_mut()
+        .and_then(|components| components.schemas.get_mut("Problem"))
+    else {
+        return;
+    };
+    let Some(RefOr::T(Schema::Object(kind))) = problem.properties.get_mut("type") else {
+        return;
+    };
+    let mut types: Vec<serde_json::Value> = ProblemKind::ALL
+        .iter()
+        .map(|kind| kind.uri().into())
+        .collect();
+    // A status a layer answered without a body, and no kind of its own.
+    types.push("urn:rdev:problem:http-error".into());
+    kind.enum_values = Some(types);
 }
 
 fn problem_schema() -> RefOr<utoipa::openapi::schema::Schema> {

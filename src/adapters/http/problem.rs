@@ -1,7 +1,7 @@
 //! RFC 9457 problem details: the one shape every error leaves this server in.
 
 use axum::Json;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -69,142 +69,207 @@ impl ApiError {
     }
 }
 
-struct Shape {
-    status: StatusCode,
-    slug: &'static str,
-    title: &'static str,
+/// Declares the problem kinds: each with its status, `type` slug and title, from one table,
+/// so that the list the OpenAPI document gives ([`ProblemKind::ALL`]) cannot drift from them.
+macro_rules! problem_kinds {
+    ($($kind:ident => ($status:ident, $slug:literal, $title:literal),)*) => {
+        /// What went wrong, as a client tells problems apart (`urn:rdev:problem:<slug>`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ProblemKind {
+            $($kind,)*
+        }
+
+        impl ProblemKind {
+            pub const ALL: &'static [ProblemKind] = &[$(ProblemKind::$kind,)*];
+
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(ProblemKind::$kind => StatusCode::$status,)*
+                }
+            }
+
+            pub fn slug(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => $slug,)*
+                }
+            }
+
+            pub fn title(self) -> &'static str {
+                match self {
+                    $(ProblemKind::$kind => $title,)*
+                }
+            }
+
+            /// The `type` member: `urn:rdev:problem:<slug>`.
+            pub fn uri(self) -> String {
+                problem_type(self.slug())
+            }
+        }
+    };
 }
 
-const fn shape(status: StatusCode, slug: &'static str, title: &'static str) -> Shape {
-    Shape {
-        status,
-        slug,
-        title,
+problem_kinds! {
+    Validation => (UNPROCESSABLE_ENTITY, "validation", "Invalid input"),
+    MalformedBody => (BAD_REQUEST, "malformed-body", "Malformed request body"),
+    BadParameter => (BAD_REQUEST, "bad-parameter", "Invalid parameter"),
+    UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type"),
+    PayloadTooLarge => (PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
+    HeaderTooLarge => (REQUEST_HEADER_FIELDS_TOO_LARGE, "header-too-large", "Request Header Fields Too Large"),
+    Unauthenticated => (UNAUTHORIZED, "unauthenticated", "Authentication required"),
+    AddressNotAllowed => (FORBIDDEN, "address-not-allowed", "Client address not allowed"),
+    Forbidden => (FORBIDDEN, "forbidden", "Insufficient scope"),
+    NotFound => (NOT_FOUND, "not-found", "Not found"),
+    MethodNotAllowed => (METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed"),
+    AlreadyExists => (CONFLICT, "already-exists", "Already exists"),
+    MissingReference => (CONFLICT, "missing-reference", "Referenced resource missing"),
+    ProjectBusy => (CONFLICT, "project-busy", "Project has active commands"),
+    AlreadyEnded => (CONFLICT, "already-ended", "Command already ended"),
+    IdempotencyMismatch => (CONFLICT, "idempotency-mismatch", "Idempotency-Key reused with another request"),
+    InvalidTransition => (CONFLICT, "invalid-transition", "Not allowed in this state"),
+    KeyRevoked => (CONFLICT, "key-revoked", "Key revoked"),
+    NoKubeTarget => (CONFLICT, "no-kube-target", "No Kubernetes target"),
+    KubeNotConfigured => (CONFLICT, "kube-not-configured", "Kubernetes not configured"),
+    PodNotFound => (NOT_FOUND, "pod-not-found", "Pod not found"),
+    ContainerNotFound => (NOT_FOUND, "container-not-found", "Container not found"),
+    PodNotReady => (CONFLICT, "pod-not-ready", "Pod not ready"),
+    KubeForbidden => (FORBIDDEN, "kube-forbidden", "Kubernetes API refused access"),
+    KubeUnavailable => (SERVICE_UNAVAILABLE, "kube-unavailable", "Kubernetes API unavailable"),
+    KubeError => (BAD_GATEWAY, "kube-error", "Kubernetes API error"),
+    RateLimited => (TOO_MANY_REQUESTS, "rate-limited", "Rate limit reached"),
+    TooManyFailedAuthentications => (TOO_MANY_REQUESTS, "too-many-failed-authentications", "Too many failed authentications"),
+    QueueFull => (SERVICE_UNAVAILABLE, "queue-full", "Queue full"),
+    TooManyStreams => (SERVICE_UNAVAILABLE, "too-many-streams", "Too many event streams"),
+    NotReady => (SERVICE_UNAVAILABLE, "not-ready", "Not ready"),
+    Unavailable => (SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+    Timeout => (REQUEST_TIMEOUT, "timeout", "Request Timeout"),
+    Internal => (INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+}
+
+/// What the client reads in `detail`.
+enum Detail {
+    /// The error's own words.
+    Shown,
+    /// A fixed sentence; the cause chain goes to the log (a 5xx never carries driver text).
+    Logged,
+}
+
+/// Everything an error's response says, decided in [`ApiError::spec`].
+struct ProblemSpec<'e> {
+    kind: ProblemKind,
+    detail: Detail,
+    /// The invalid fields, for validation problems.
+    fields: &'e [FieldError],
+    /// `Retry-After`, `WWW-Authenticate`, the rate-limit headers.
+    headers: HeaderMap,
+}
+
+impl<'e> ProblemSpec<'e> {
+    fn new(kind: ProblemKind) -> Self {
+        Self {
+            kind,
+            detail: Detail::Shown,
+            fields: &[],
+            headers: HeaderMap::new(),
+        }
+    }
+
+    fn logged(mut self) -> Self {
+        self.detail = Detail::Logged;
+        self
+    }
+
+    fn header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Try again in a few seconds (a saturated or unreachable backend).
+    fn retry_soon(self) -> Self {
+        self.header(header::RETRY_AFTER, HeaderValue::from_static("5"))
     }
 }
 
-fn service_shape(error: &ServiceError) -> Shape {
-    match error {
-        ServiceError::Invalid(_) => shape(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation",
-            "Invalid input",
-        ),
-        ServiceError::Unauthenticated(KeyRejection::AddressNotAllowed) => shape(
-            StatusCode::FORBIDDEN,
-            "address-not-allowed",
-            "Client address not allowed",
-        ),
-        ServiceError::Unauthenticated(
-            KeyRejection::Missing
-            | KeyRejection::Invalid
-            | KeyRejection::Expired
-            | KeyRejection::Revoked,
-        ) => shape(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "Authentication required",
-        ),
-        ServiceError::MissingScope(_) | ServiceError::LimitedKey => {
-            shape(StatusCode::FORBIDDEN, "forbidden", "Insufficient scope")
+impl ApiError {
+    /// The one place an error's response is decided: its kind, what its detail shows, its
+    /// fields and headers. Exhaustive, so a new variant does not compile until it is placed.
+    fn spec(&self) -> ProblemSpec<'_> {
+        use ProblemKind as K;
+        match self {
+            ApiError::Service(error) => match error {
+                ServiceError::Invalid(fields) => ProblemSpec {
+                    fields,
+                    ..ProblemSpec::new(K::Validation)
+                },
+                ServiceError::Unauthenticated(KeyRejection::AddressNotAllowed) => {
+                    ProblemSpec::new(K::AddressNotAllowed)
+                }
+                ServiceError::Unauthenticated(
+                    KeyRejection::Missing
+                    | KeyRejection::Invalid
+                    | KeyRejection::Expired
+                    | KeyRejection::Revoked,
+                ) => ProblemSpec::new(K::Unauthenticated)
+                    .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
+                ServiceError::MissingScope(_) | ServiceError::LimitedKey => {
+                    ProblemSpec::new(K::Forbidden)
+                }
+                ServiceError::NotFound(_) => ProblemSpec::new(K::NotFound),
+                ServiceError::AlreadyExists(_) => ProblemSpec::new(K::AlreadyExists),
+                ServiceError::MissingReference => ProblemSpec::new(K::MissingReference),
+                ServiceError::ProjectBusy { .. } => ProblemSpec::new(K::ProjectBusy),
+                ServiceError::AlreadyEnded(_) => ProblemSpec::new(K::AlreadyEnded),
+                ServiceError::IdempotencyMismatch => ProblemSpec::new(K::IdempotencyMismatch),
+                ServiceError::InvalidTransition { .. } => ProblemSpec::new(K::InvalidTransition),
+                ServiceError::NoKubeTarget => ProblemSpec::new(K::NoKubeTarget),
+                ServiceError::KeyRevoked => ProblemSpec::new(K::KeyRevoked),
+                ServiceError::QueueFull {
+                    retry_after_secs, ..
+                } => ProblemSpec::new(K::QueueFull)
+                    .header(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)),
+                ServiceError::RateLimited(decision) => {
+                    let mut spec = ProblemSpec::new(K::RateLimited);
+                    super::limits::write_headers(decision, &mut spec.headers);
+                    spec
+                }
+                ServiceError::TooManyStreams => ProblemSpec::new(K::TooManyStreams).retry_soon(),
+                ServiceError::KubeNotConfigured => ProblemSpec::new(K::KubeNotConfigured),
+                ServiceError::Pod(error) => pod_spec(error),
+                ServiceError::Unavailable(_) => {
+                    ProblemSpec::new(K::Unavailable).logged().retry_soon()
+                }
+                ServiceError::Internal(_) => ProblemSpec::new(K::Internal).logged(),
+            },
+            ApiError::MalformedBody(_) => ProblemSpec::new(K::MalformedBody),
+            ApiError::UnsupportedMediaType => ProblemSpec::new(K::UnsupportedMediaType),
+            ApiError::PayloadTooLarge => ProblemSpec::new(K::PayloadTooLarge),
+            ApiError::BadParameter { .. } => ProblemSpec::new(K::BadParameter),
+            ApiError::RouteNotFound => ProblemSpec::new(K::NotFound),
+            ApiError::NotReady(_) => ProblemSpec::new(K::NotReady),
+            ApiError::TooManyFailedAuthentications(wait) => {
+                ProblemSpec::new(K::TooManyFailedAuthentications).header(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::domain::rate_limit::ceil_secs(*wait).max(1)),
+                )
+            }
         }
-        ServiceError::NotFound(_) => shape(StatusCode::NOT_FOUND, "not-found", "Not found"),
-        ServiceError::Conflict(_) => shape(StatusCode::CONFLICT, "conflict", "Conflict"),
-        ServiceError::QueueFull { .. } => {
-            shape(StatusCode::SERVICE_UNAVAILABLE, "queue-full", "Queue full")
-        }
-        ServiceError::RateLimited(_) => shape(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Rate limit reached",
-        ),
-        ServiceError::TooManyStreams => shape(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too-many-streams",
-            "Too many event streams",
-        ),
-        ServiceError::KubeNotConfigured => shape(
-            StatusCode::CONFLICT,
-            "kube-not-configured",
-            "Kubernetes not configured",
-        ),
-        ServiceError::Pod(error) => pod_shape(error),
-        ServiceError::Unavailable(_) => shape(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-        ),
-        ServiceError::Internal(_) => shape(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "Internal error",
-        ),
     }
 }
 
-fn pod_shape(error: &PodError) -> Shape {
+fn pod_spec(error: &PodError) -> ProblemSpec<'static> {
+    use ProblemKind as K;
     match error {
         PodError::PodNotFound { .. } | PodError::NoPodMatches { .. } => {
-            shape(StatusCode::NOT_FOUND, "pod-not-found", "Pod not found")
+            ProblemSpec::new(K::PodNotFound)
         }
         PodError::NotReady { .. }
         | PodError::NoReadyPod { .. }
-        | PodError::RestartTimedOut { .. } => {
-            shape(StatusCode::CONFLICT, "pod-not-ready", "Pod not ready")
-        }
-        PodError::ContainerNotFound { .. } => shape(
-            StatusCode::NOT_FOUND,
-            "container-not-found",
-            "Container not found",
-        ),
-        PodError::Forbidden(_) => shape(
-            StatusCode::FORBIDDEN,
-            "kube-forbidden",
-            "Kubernetes API refused access",
-        ),
-        PodError::Unavailable(_) => shape(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kube-unavailable",
-            "Kubernetes API unavailable",
-        ),
-        PodError::Backend(_) => shape(
-            StatusCode::BAD_GATEWAY,
-            "kube-error",
-            "Kubernetes API error",
-        ),
-    }
-}
-
-fn error_shape(error: &ApiError) -> Shape {
-    match error {
-        ApiError::Service(service) => service_shape(service),
-        ApiError::MalformedBody(_) => shape(
-            StatusCode::BAD_REQUEST,
-            "malformed-body",
-            "Malformed request body",
-        ),
-        ApiError::UnsupportedMediaType => shape(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-        ),
-        ApiError::PayloadTooLarge => shape(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "Payload too large",
-        ),
-        ApiError::BadParameter { .. } => shape(
-            StatusCode::BAD_REQUEST,
-            "bad-parameter",
-            "Invalid parameter",
-        ),
-        ApiError::RouteNotFound => shape(StatusCode::NOT_FOUND, "not-found", "Not found"),
-        ApiError::NotReady(_) => shape(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready"),
-        ApiError::TooManyFailedAuthentications(_) => shape(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-failed-authentications",
-            "Too many failed authentications",
-        ),
+        | PodError::RestartTimedOut { .. } => ProblemSpec::new(K::PodNotReady),
+        PodError::ContainerNotFound { .. } => ProblemSpec::new(K::ContainerNotFound),
+        PodError::Forbidden(_) => ProblemSpec::new(K::KubeForbidden),
+        // Our own words (the breaker is open, the API is unreachable): they tell the caller
+        // what to expect.
+        PodError::Unavailable(_) => ProblemSpec::new(K::KubeUnavailable).retry_soon(),
+        PodError::Backend(_) => ProblemSpec::new(K::KubeError).logged(),
     }
 }
 
@@ -225,102 +290,61 @@ fn cause_chain(error: &dyn std::error::Error) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let Shape {
-            status,
-            slug,
-            title,
-        } = error_shape(&self);
-        let server_side = status.is_server_error()
-            && !matches!(
-                self,
-                ApiError::Service(
-                    ServiceError::QueueFull { .. }
-                        | ServiceError::TooManyStreams
-                        // Our own words (the breaker is open, the API is unreachable): they tell
-                        // the caller what to expect.
-                        | ServiceError::Pod(PodError::Unavailable(_))
-                ) | ApiError::NotReady(_)
-            );
-        // A 5xx never carries driver text; the cause goes to the log instead.
-        let detail = if server_side {
-            Some("the server could not complete the request; it has been logged".to_owned())
-        } else {
-            Some(self.to_string())
-        };
-        let errors = match &self {
-            ApiError::Service(ServiceError::Invalid(fields)) => Some(
-                fields
-                    .iter()
-                    .map(|f| FieldErrorBody {
-                        pointer: f.pointer.clone(),
-                        message: f.message.clone(),
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        };
-        let body = Problem {
-            kind: problem_type(slug),
-            title: title.to_owned(),
-            status: status.as_u16(),
+        let ProblemSpec {
+            kind,
             detail,
+            fields,
+            headers,
+        } = self.spec();
+        let (detail, chain) = match detail {
+            Detail::Shown => (self.to_string(), None),
+            Detail::Logged => (
+                "the server could not complete the request; it has been logged".to_owned(),
+                Some(ErrorChain(cause_chain(&self))),
+            ),
+        };
+        let errors = (!fields.is_empty()).then(|| {
+            fields
+                .iter()
+                .map(|f| FieldErrorBody {
+                    pointer: f.pointer.clone(),
+                    message: f.message.clone(),
+                })
+                .collect()
+        });
+        let body = Problem {
+            kind: kind.uri(),
+            title: kind.title().to_owned(),
+            status: kind.status().as_u16(),
+            detail: Some(detail),
             errors,
         };
-        let mut response = (status, Json(body)).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        match &self {
-            ApiError::Service(ServiceError::QueueFull {
-                retry_after_secs, ..
-            }) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            }
-            ApiError::Service(ServiceError::RateLimited(decision)) => {
-                super::limits::write_headers(decision, headers);
-            }
-            ApiError::TooManyFailedAuthentications(wait) => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(crate::domain::rate_limit::ceil_secs(*wait).max(1)),
-                );
-            }
-            ApiError::Service(
-                ServiceError::TooManyStreams
-                | ServiceError::Unavailable(_)
-                | ServiceError::Pod(PodError::Unavailable(_)),
-            ) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            }
-            ApiError::Service(ServiceError::Unauthenticated(_))
-                if status == StatusCode::UNAUTHORIZED =>
-            {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            _ => {}
-        }
-        if server_side {
-            response
-                .extensions_mut()
-                .insert(ErrorChain(cause_chain(&self)));
+        let mut response = (kind.status(), Json(body)).into_response();
+        response.headers_mut().extend(headers);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(chain) = chain {
+            response.extensions_mut().insert(chain);
         }
         response
     }
 }
 
-/// A problem response for a bare status (used where a layer answered without a body).
+/// A problem response for a bare status (used where a layer answered without a body): the
+/// kind of that status where there is one, else a generic `http-error` with the status's name.
 pub fn status_problem(status: StatusCode) -> Response {
-    let title = status.canonical_reason().unwrap_or("Error");
-    let slug = match status {
-        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
-        StatusCode::NOT_FOUND => "not-found",
-        StatusCode::REQUEST_TIMEOUT => "timeout",
-        s if s.is_server_error() => "internal",
-        _ => "http-error",
+    let kind = match status {
+        StatusCode::METHOD_NOT_ALLOWED => Some(ProblemKind::MethodNotAllowed),
+        StatusCode::PAYLOAD_TOO_LARGE => Some(ProblemKind::PayloadTooLarge),
+        StatusCode::NOT_FOUND => Some(ProblemKind::NotFound),
+        StatusCode::REQUEST_TIMEOUT => Some(ProblemKind::Timeout),
+        s if s.is_server_error() => Some(ProblemKind::Internal),
+        _ => None,
     };
     let body = Problem {
-        kind: problem_type(slug),
-        title: title.to_owned(),
+        kind: kind.map_or_else(|| problem_type("http-error"), ProblemKind::uri),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
         status: status.as_u16(),
         detail: None,
         errors: None,
@@ -336,9 +360,10 @@ pub fn status_problem(status: StatusCode) -> Response {
 /// connection. The connection layer writes it itself, since the head never reaches a handler.
 pub fn head_too_large_http1(limit: usize) -> bytes::Bytes {
     let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    let kind = ProblemKind::HeaderTooLarge;
     let body = serde_json::to_vec(&Problem {
-        kind: problem_type("header-too-large"),
-        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        kind: kind.uri(),
+        title: kind.title().to_owned(),
         status: status.as_u16(),
         detail: Some(format!("the request line and headers exceed {limit} bytes")),
         errors: None,
