@@ -108,6 +108,8 @@ macro_rules! problem_kinds {
     };
 }
 
+// The conflicts share their title (what a client that does not know the type shows); the type
+// tells them apart.
 problem_kinds! {
     Validation => (UNPROCESSABLE_ENTITY, "validation", "Invalid input"),
     MalformedBody => (BAD_REQUEST, "malformed-body", "Malformed request body"),
@@ -120,14 +122,14 @@ problem_kinds! {
     Forbidden => (FORBIDDEN, "forbidden", "Insufficient scope"),
     NotFound => (NOT_FOUND, "not-found", "Not found"),
     MethodNotAllowed => (METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed"),
-    AlreadyExists => (CONFLICT, "already-exists", "Already exists"),
-    MissingReference => (CONFLICT, "missing-reference", "Referenced resource missing"),
-    ProjectBusy => (CONFLICT, "project-busy", "Project has active commands"),
-    AlreadyEnded => (CONFLICT, "already-ended", "Command already ended"),
-    IdempotencyMismatch => (CONFLICT, "idempotency-mismatch", "Idempotency-Key reused with another request"),
-    InvalidTransition => (CONFLICT, "invalid-transition", "Not allowed in this state"),
-    KeyRevoked => (CONFLICT, "key-revoked", "Key revoked"),
-    NoKubeTarget => (CONFLICT, "no-kube-target", "No Kubernetes target"),
+    AlreadyExists => (CONFLICT, "already-exists", "Conflict"),
+    MissingReference => (CONFLICT, "missing-reference", "Conflict"),
+    ProjectBusy => (CONFLICT, "project-busy", "Conflict"),
+    AlreadyEnded => (CONFLICT, "already-ended", "Conflict"),
+    IdempotencyMismatch => (CONFLICT, "idempotency-mismatch", "Conflict"),
+    InvalidTransition => (CONFLICT, "invalid-transition", "Conflict"),
+    KeyRevoked => (CONFLICT, "key-revoked", "Conflict"),
+    NoKubeTarget => (CONFLICT, "no-kube-target", "Conflict"),
     KubeNotConfigured => (CONFLICT, "kube-not-configured", "Kubernetes not configured"),
     PodNotFound => (NOT_FOUND, "pod-not-found", "Pod not found"),
     ContainerNotFound => (NOT_FOUND, "container-not-found", "Container not found"),
