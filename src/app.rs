@@ -22,17 +22,16 @@ use crate::adapters::sql::{Sealing, StoreError};
 use crate::adapters::sqlite::SqliteDatabase;
 use crate::adapters::telemetry::{JemallocProfiler, Metrics, PprofCpuProfiler};
 use crate::adapters::webhook::{HttpWebhookSender, SenderSettings};
-use crate::config::{Config, ConfigError, RateLimitBackend, Secret};
+use crate::config::{Config, ConfigError, ExecutorSettings, RateLimitBackend, Secret};
 use crate::domain::audit::AuditKey;
 use crate::domain::project::ExecutorKind;
-use crate::domain::webhook::RetrySchedule;
 use crate::ports::clock::SystemClock;
 use crate::ports::{
     ApiKeyRepository, AuditHeads, AuditLog, Clock, CommandMetrics, CommandQueue, CommandStore,
     ConnectionMetrics, DeliveryQueue, Executor, OutputBus, OutputStore, PodManager,
-    ProjectRepository, RateLimiter, SharedSecrets, WebhookEndpoints, WebhookSender, WorkSignal,
+    ProjectRepository, RateLimiter, RemoteInbox, SharedSecrets, WebhookEndpoints, WebhookSender,
+    WorkSignal,
 };
-use crate::resilience::BreakerSettings;
 use crate::services::api_keys::ApiKeyService;
 use crate::services::audit::AuditService;
 use crate::services::auth_failures::FailedAuthentications;
@@ -78,11 +77,38 @@ pub enum StartupError {
     Bind(SocketAddr, #[source] std::io::Error),
 }
 
-/// The database behind every storage port.
-#[derive(Clone)]
-enum Storage {
-    Sqlite(SqliteDatabase),
-    Postgres(PgDatabase),
+/// What the database is to the rest of the server once it is open: readiness and closing.
+#[async_trait]
+trait Database: ReadinessProbe {
+    async fn close(&self);
+}
+
+#[async_trait]
+impl ReadinessProbe for SqliteDatabase {
+    async fn storage_ready(&self) -> bool {
+        self.ping().await
+    }
+}
+
+#[async_trait]
+impl Database for SqliteDatabase {
+    async fn close(&self) {
+        SqliteDatabase::close(self).await;
+    }
+}
+
+#[async_trait]
+impl ReadinessProbe for PgDatabase {
+    async fn storage_ready(&self) -> bool {
+        self.ping().await
+    }
+}
+
+#[async_trait]
+impl Database for PgDatabase {
+    async fn close(&self) {
+        PgDatabase::close(self).await;
+    }
 }
 
 struct Ports {
@@ -97,58 +123,57 @@ struct Ports {
     deliveries: Arc<dyn DeliveryQueue>,
 }
 
-impl Storage {
-    async fn open(config: &Config, heads: Arc<dyn AuditHeads>) -> Result<Self, StartupError> {
-        let url = config.database_url.expose();
-        let configured = config
-            .audit_key
-            .as_ref()
-            .map(|k| k.expose().as_bytes().to_vec());
-        if url.starts_with("postgres") {
-            let key = configured.unwrap_or_else(|| {
-                tracing::warn!(
-                    "RDEV_AUDIT_KEY is not set: the audit chain is not keyed, so a database writer could re-forge it"
-                );
-                Vec::new()
-            });
-            let sealing = Arc::new(Sealing {
-                key: AuditKey::new(key),
-                heads,
-            });
-            let db = PgDatabase::connect(url, config.db_max_connections, sealing)
-                .await
-                .map_err(StartupError::Database)?;
-            Ok(Storage::Postgres(db))
-        } else {
-            let key = match configured {
-                Some(key) => key,
-                None => SqliteDatabase::key_file_beside(url).map_err(StartupError::AuditKey)?,
-            };
-            let sealing = Arc::new(Sealing {
-                key: AuditKey::new(key),
-                heads,
-            });
-            let db = SqliteDatabase::connect(url, sealing)
-                .await
-                .map_err(StartupError::Database)?;
-            Ok(Storage::Sqlite(db))
-        }
-    }
+/// How replicas sharing the database tell each other what happened.
+struct Relay {
+    sender: Arc<dyn crate::ports::Relay>,
+    /// Starts delivering the other replicas' hints to an inbox, until shutdown.
+    listen: Box<dyn FnOnce(Arc<dyn RemoteInbox>, CancellationToken) + Send>,
+}
 
-    fn ports(&self, clock: &Arc<dyn Clock>) -> Ports {
-        match self {
-            Storage::Sqlite(db) => Ports {
-                keys: Arc::new(db.api_keys()),
-                projects: Arc::new(db.projects()),
-                audit: Arc::new(db.audit_log()),
-                commands: Arc::new(db.command_store(clock.clone())),
-                queue: Arc::new(db.command_queue(clock.clone())),
-                output: Arc::new(db.output_store()),
-                secrets: Arc::new(db.shared_secrets()),
-                webhooks: Arc::new(db.webhook_endpoints()),
-                deliveries: Arc::new(db.delivery_queue(clock.clone())),
-            },
-            Storage::Postgres(db) => Ports {
+/// The open database, and everything that differs with which one it is: the one place that
+/// tells SQLite from Postgres.
+struct Storage {
+    ports: Ports,
+    database: Arc<dyn Database>,
+    /// Postgres: LISTEN/NOTIFY between replicas. SQLite: one process, none needed.
+    relay: Option<Relay>,
+    /// Postgres: counters in the `rate_limiting` table, shared by replicas.
+    shared_rate_limiter: Option<Arc<dyn RateLimiter>>,
+    /// How often an idle follower re-reads the store in case a hint was lost: where the bus
+    /// carries other replicas' events as best-effort hints.
+    follower_recheck: Option<Duration>,
+}
+
+/// Opens `DATABASE_URL` (applying its migrations) with the audit key, and wires its ports.
+async fn open_storage(
+    config: &Config,
+    heads: Arc<dyn AuditHeads>,
+    clock: &Arc<dyn Clock>,
+    replica: &str,
+) -> Result<Storage, StartupError> {
+    let url = config.storage.database_url.expose();
+    let configured = config
+        .storage
+        .audit_key
+        .as_ref()
+        .map(|k| k.expose().as_bytes().to_vec());
+    if config.storage.uses_postgres() {
+        let key = configured.unwrap_or_else(|| {
+            tracing::warn!(
+                "RDEV_AUDIT_KEY is not set: the audit chain is not keyed, so a database writer could re-forge it"
+            );
+            Vec::new()
+        });
+        let sealing = Arc::new(Sealing {
+            key: AuditKey::new(key),
+            heads,
+        });
+        let db = PgDatabase::connect(url, config.storage.db_max_connections, sealing)
+            .await
+            .map_err(StartupError::Database)?;
+        let (pool, origin) = (db.pool().clone(), replica.to_owned());
+        Ok(Storage {
+            ports: Ports {
                 keys: Arc::new(db.api_keys()),
                 projects: Arc::new(db.projects()),
                 audit: Arc::new(db.audit_log()),
@@ -159,23 +184,57 @@ impl Storage {
                 webhooks: Arc::new(db.webhook_endpoints()),
                 deliveries: Arc::new(db.delivery_queue()),
             },
-        }
-    }
-
-    async fn close(&self) {
-        match self {
-            Storage::Sqlite(db) => db.close().await,
-            Storage::Postgres(db) => db.close().await,
-        }
+            relay: Some(Relay {
+                sender: Arc::new(PgRelay::new(pool.clone(), origin.clone())),
+                listen: Box::new(move |inbox, shutdown| {
+                    notify::listen(pool, origin, inbox, shutdown)
+                }),
+            }),
+            // On the database clock, which every replica shares.
+            shared_rate_limiter: Some(Arc::new(db.rate_limiter(None))),
+            follower_recheck: Some(FOLLOWER_STORE_RECHECK),
+            database: Arc::new(db),
+        })
+    } else {
+        let key = match configured {
+            Some(key) => key,
+            None => SqliteDatabase::key_file_beside(url).map_err(StartupError::AuditKey)?,
+        };
+        let sealing = Arc::new(Sealing {
+            key: AuditKey::new(key),
+            heads,
+        });
+        let db = SqliteDatabase::connect(url, sealing)
+            .await
+            .map_err(StartupError::Database)?;
+        Ok(Storage {
+            ports: Ports {
+                keys: Arc::new(db.api_keys()),
+                projects: Arc::new(db.projects()),
+                audit: Arc::new(db.audit_log()),
+                commands: Arc::new(db.command_store(clock.clone())),
+                queue: Arc::new(db.command_queue(clock.clone())),
+                output: Arc::new(db.output_store()),
+                secrets: Arc::new(db.shared_secrets()),
+                webhooks: Arc::new(db.webhook_endpoints()),
+                deliveries: Arc::new(db.delivery_queue(clock.clone())),
+            },
+            relay: None,
+            shared_rate_limiter: None,
+            follower_recheck: None,
+            database: Arc::new(db),
+        })
     }
 }
 
-#[async_trait]
-impl ReadinessProbe for Storage {
-    async fn storage_ready(&self) -> bool {
-        match self {
-            Storage::Sqlite(s) => s.ping().await,
-            Storage::Postgres(s) => s.ping().await,
+/// The bus: in this process, and through the relay to the other replicas where there is one.
+fn build_bus(relay: Option<Relay>, shutdown: &CancellationToken) -> Arc<InProcessBus> {
+    match relay {
+        None => InProcessBus::local(),
+        Some(Relay { sender, listen }) => {
+            let bus = InProcessBus::relayed(sender);
+            listen(bus.clone(), shutdown.clone());
+            bus
         }
     }
 }
@@ -189,7 +248,7 @@ pub struct App {
     shutdown: CancellationToken,
     draining: CancellationToken,
     drain_delay: Duration,
-    storage: Storage,
+    database: Arc<dyn Database>,
     keys: Arc<ApiKeyService>,
     workers: Arc<WorkerPool>,
     dispatcher: Arc<Dispatcher>,
@@ -227,7 +286,7 @@ impl App {
             shutdown,
             draining,
             drain_delay,
-            storage,
+            database,
             keys,
             workers,
             dispatcher,
@@ -263,7 +322,7 @@ impl App {
         if let Err(error) = keys.flush_failures().await {
             tracing::warn!(%error, "could not audit refused keys at shutdown");
         }
-        storage.close().await;
+        database.close().await;
         tracing::info!("shut down");
         Ok(())
     }
@@ -300,56 +359,141 @@ pub async fn build_with_clock(
     listener: TcpListener,
     clock: Arc<dyn Clock>,
 ) -> Result<App, StartupError> {
+    // Settings that do not fit together stop the start before anything is opened.
     let rate_limit_backend = config.rate_limit_backend()?;
+    let kube_source = KubeSource::detect(&config.kube.kubeconfig);
+    let executors = config.execution.settings(kube_source.is_some())?;
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let metrics = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
-    let storage = Storage::open(&config, metrics.clone()).await?;
-    let ports = storage.ports(&clock);
-    let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
-    let connections: Arc<dyn ConnectionMetrics> = metrics.clone();
     let replica = replica_name();
-    let kube_source = KubeSource::detect(&config.kubeconfig);
-    let executors = config.executor_settings(kube_source.is_some())?;
+    let mut storage = open_storage(&config, metrics.clone(), &clock, &replica).await?;
+    let bus = build_bus(storage.relay.take(), &shutdown);
     let kube = match kube_source {
         Some(source) if executors.enabled.allows(ExecutorKind::Kube) => {
             Some(connect_kube(&config, source, metrics.clone()).await?)
         }
         _ => None,
     };
-    let kube_executor: Option<Arc<dyn Executor>> = kube
-        .clone()
-        .map(|api| Arc::new(KubeExecutor::new(api)) as Arc<dyn Executor>);
-    let pod_manager: Option<Arc<dyn PodManager>> = kube
-        .clone()
-        .map(|api| Arc::new(KubePodManager::new(api)) as Arc<dyn PodManager>);
-
-    let bus = match &storage {
-        Storage::Sqlite(_) => InProcessBus::local(),
-        Storage::Postgres(db) => {
-            let relay = PgRelay::new(db.pool().clone(), replica.clone());
-            let bus = InProcessBus::relayed(Arc::new(relay));
-            notify::listen(
-                db.pool().clone(),
-                replica.clone(),
-                bus.clone(),
-                shutdown.clone(),
-            );
-            bus
-        }
+    let limiter: Arc<dyn RateLimiter> = match rate_limit_backend {
+        RateLimitBackend::Postgres => storage
+            .shared_rate_limiter
+            .clone()
+            .expect("the configuration refuses Postgres rate limits without Postgres"),
+        RateLimitBackend::Memory => Arc::new(MemoryRateLimiter::new(clock.clone())),
     };
+    let services = build_services(
+        &config,
+        Wiring {
+            storage: &storage,
+            bus,
+            kube,
+            executors,
+            limiter,
+            metrics: metrics.clone(),
+            clock,
+            replica,
+        },
+    )
+    .await?;
+    let state = AppState::new(Services {
+        keys: services.keys.clone(),
+        limits: Arc::new(RequestLimits::new(services.limiter, config.auth.rate_limit)),
+        auth_guard: Arc::new(AuthFailureGuard::new(config.auth.auth_failure_limit)),
+        projects: services.projects,
+        pods: services.pods,
+        audit: services.audit,
+        commands: services.commands,
+        follow: services.follow,
+        webhooks: services.webhooks,
+        metrics: metrics.clone(),
+        profiler: Arc::new(JemallocProfiler),
+        cpu_profiler: Arc::new(PprofCpuProfiler::default()),
+        export_traces: config.telemetry.otlp_endpoint.is_some(),
+        client_ip: Arc::new(
+            ClientIpResolver::new(config.http.trusted_proxies.clone())
+                .trusting_loopback(config.http.trust_loopback),
+        ),
+        probe: storage.database.clone(),
+        shutdown: shutdown.clone(),
+        draining: draining.clone(),
+        sse_keep_alive: config.http.sse_keep_alive(),
+    });
+    Ok(App {
+        listener,
+        router: http::router(state),
+        limits: ConnectionLimits {
+            max_head_bytes: config.http.max_head_bytes(),
+            header_read_timeout: config.http.header_read_timeout(),
+            idle_timeout: config.http.idle_timeout(),
+        },
+        connections: metrics,
+        shutdown,
+        draining,
+        drain_delay: config.http.drain_delay(),
+        database: storage.database,
+        keys: services.keys,
+        workers: services.workers,
+        dispatcher: services.dispatcher,
+        bootstrap_key: services.bootstrap_key,
+    })
+}
+
+/// What the services are built from, besides the settings.
+struct Wiring<'s> {
+    storage: &'s Storage,
+    bus: Arc<InProcessBus>,
+    kube: Option<KubeApi>,
+    executors: ExecutorSettings,
+    limiter: Arc<dyn RateLimiter>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    replica: String,
+}
+
+/// The use cases and background loops of one replica.
+struct Built {
+    keys: Arc<ApiKeyService>,
+    projects: Arc<ProjectService>,
+    pods: Arc<PodService>,
+    audit: Arc<AuditService>,
+    commands: Arc<CommandService>,
+    follow: Arc<FollowService>,
+    webhooks: Arc<WebhookService>,
+    limiter: Arc<dyn RateLimiter>,
+    workers: Arc<WorkerPool>,
+    dispatcher: Arc<Dispatcher>,
+    /// The generated bootstrap key, when one was just created.
+    bootstrap_key: Option<String>,
+}
+
+/// Hands the ports to the services: caches in front of the key and project repositories, the
+/// first admin key, the executors, the webhook sender.
+async fn build_services(config: &Config, wiring: Wiring<'_>) -> Result<Built, StartupError> {
+    let Wiring {
+        storage,
+        bus,
+        kube,
+        executors,
+        limiter,
+        metrics,
+        clock,
+        replica,
+    } = wiring;
+    let ports = &storage.ports;
+    let command_metrics: Arc<dyn CommandMetrics> = metrics.clone();
     let output_bus: Arc<dyn OutputBus> = bus.clone();
 
     // Revocations and other key or project changes reach every replica's cache at once.
     let cached_keys = Arc::new(CachedApiKeys::new(
-        ports.keys,
-        config.cache_ttl,
+        ports.keys.clone(),
+        config.auth.cache_ttl,
         bus.clone(),
         metrics.clone(),
     ));
     let cached_projects = Arc::new(CachedProjects::new(
-        ports.projects,
-        config.cache_ttl,
+        ports.projects.clone(),
+        config.auth.cache_ttl,
         bus.clone(),
         metrics.clone(),
     ));
@@ -365,7 +509,7 @@ pub async fn build_with_clock(
         ),
     );
     let bootstrap_key = keys
-        .bootstrap(config.bootstrap_admin_key.as_ref().map(|s| s.expose()))
+        .bootstrap(config.auth.bootstrap_admin_key.as_ref().map(|s| s.expose()))
         .await
         .map_err(StartupError::Bootstrap)?
         .map(|key| key.expose().to_owned());
@@ -380,11 +524,11 @@ pub async fn build_with_clock(
             clock: clock.clone(),
         },
         SubmitLimits {
-            max_queued: config.max_queued,
-            max_queued_per_project: config.max_queued_per_project,
+            max_queued: config.worker.max_queued,
+            max_queued_per_project: config.worker.max_queued_per_project,
         },
     ));
-    let token_secret = match &config.stream_token_secret {
+    let token_secret = match &config.auth.stream_token_secret {
         Some(secret) => secret.expose().as_bytes().to_vec(),
         None => {
             let candidate = hex::encode(rand::random::<[u8; 32]>());
@@ -403,24 +547,19 @@ pub async fn build_with_clock(
             output: ports.output.clone(),
             bus: output_bus.clone(),
             clock: clock.clone(),
-            store_recheck: match &storage {
-                Storage::Sqlite(_) => None,
-                Storage::Postgres(_) => Some(FOLLOWER_STORE_RECHECK),
-            },
+            store_recheck: storage.follower_recheck,
         },
         StreamLimiter::new(
-            config.max_sse_connections,
-            config.max_sse_per_key,
+            config.http.max_sse_connections,
+            config.http.max_sse_per_key,
             command_metrics.clone(),
         ),
-        StreamTokens::new(
-            token_secret,
-            Duration::from_secs(config.stream_token_ttl_secs),
-        ),
+        StreamTokens::new(token_secret, config.auth.stream_token_ttl()),
     ));
+
     let local_executor: Option<Arc<dyn Executor>> = if executors.enabled.allows(ExecutorKind::Local)
     {
-        Some(Arc::new(LocalExecutor::new(local_run_as(&config)?)))
+        Some(Arc::new(LocalExecutor::new(local_run_as(config)?)))
     } else {
         None
     };
@@ -431,24 +570,26 @@ pub async fn build_with_clock(
     );
     let workers = WorkerPool::new(
         WorkerPorts {
-            queue: ports.queue,
+            queue: ports.queue.clone(),
             projects: projects_repo.clone(),
-            output: ports.output,
+            output: ports.output.clone(),
             bus: output_bus,
             work,
             clock: clock.clone(),
             metrics: command_metrics,
             local: local_executor,
-            kube: kube_executor,
+            kube: kube
+                .clone()
+                .map(|api| Arc::new(KubeExecutor::new(api)) as Arc<dyn Executor>),
         },
         WorkerSettings {
-            workers: config.workers,
-            lease: config.lease(),
-            kill_grace: Duration::from_secs(config.kill_grace_secs),
-            max_output_bytes: config.max_output_bytes,
-            poll_interval: Duration::from_millis(config.poll_interval_ms),
-            drain: Duration::from_secs(config.shutdown_grace_secs),
-            claim_batch: (config.workers / 4).max(1),
+            workers: config.worker.workers,
+            lease: config.worker.lease(),
+            kill_grace: config.worker.kill_grace(),
+            max_output_bytes: config.worker.max_output_bytes,
+            poll_interval: config.worker.poll_interval(),
+            drain: config.worker.shutdown_grace(),
+            claim_batch: (config.worker.workers / 4).max(1),
         },
         replica,
     );
@@ -462,99 +603,71 @@ pub async fn build_with_clock(
     let pods = Arc::new(PodService::new(
         PodServicePorts {
             projects: projects.clone(),
-            pods: pod_manager,
+            pods: kube.map(|api| Arc::new(KubePodManager::new(api)) as Arc<dyn PodManager>),
             audit: ports.audit.clone(),
             clock: clock.clone(),
         },
-        Duration::from_secs(config.pod_restart_wait_secs),
+        config.kube.pod_restart_wait(),
     ));
-    let limiter: Arc<dyn RateLimiter> = match (rate_limit_backend, &storage) {
-        // On the database clock, which every replica shares.
-        (RateLimitBackend::Postgres, Storage::Postgres(db)) => Arc::new(db.rate_limiter(None)),
-        (RateLimitBackend::Postgres, Storage::Sqlite(_)) => {
-            unreachable!("the configuration refuses Postgres rate limits without Postgres")
-        }
-        (RateLimitBackend::Memory, _) => Arc::new(MemoryRateLimiter::new(clock.clone())),
-    };
+    let (webhooks, dispatcher) = build_webhooks(config, ports, clock, metrics)?;
+    Ok(Built {
+        keys,
+        projects,
+        pods,
+        audit: Arc::new(AuditService::new(ports.audit.clone())),
+        commands,
+        follow,
+        webhooks,
+        limiter,
+        workers,
+        dispatcher,
+        bootstrap_key,
+    })
+}
+
+/// The webhook endpoints' use cases and the dispatcher that delivers from the outbox.
+fn build_webhooks(
+    config: &Config,
+    ports: &Ports,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<WebhookService>, Arc<Dispatcher>), StartupError> {
     let sender: Arc<dyn WebhookSender> = Arc::new(
         HttpWebhookSender::new(SenderSettings {
-            connect_timeout: Duration::from_millis(config.webhook_connect_timeout_ms),
-            timeout: Duration::from_secs(config.webhook_timeout_secs),
-            allow_private: config.webhook_allow_private,
-            proxy: config.webhook_proxy.clone(),
+            connect_timeout: config.webhooks.connect_timeout(),
+            timeout: config.webhooks.timeout(),
+            allow_private: config.webhooks.webhook_allow_private,
+            proxy: config.webhooks.webhook_proxy.clone(),
         })
         .map_err(StartupError::WebhookClient)?,
     );
     let webhooks = Arc::new(WebhookService::new(
         WebhookPorts {
-            endpoints: ports.webhooks,
+            endpoints: ports.webhooks.clone(),
             deliveries: ports.deliveries.clone(),
             sender: sender.clone(),
             clock: clock.clone(),
         },
-        config.webhook_allow_private,
+        config.webhooks.webhook_allow_private,
     ));
     let dispatcher = Arc::new(Dispatcher::new(
         DispatcherPorts {
-            queue: ports.deliveries,
+            queue: ports.deliveries.clone(),
             sender,
-            clock: clock.clone(),
-            metrics: metrics.clone(),
+            clock,
+            metrics,
         },
         DispatcherSettings {
-            concurrency: config.webhook_concurrency as usize,
-            per_endpoint: config.webhook_endpoint_concurrency as usize,
-            lease: config.webhook_lease(),
-            poll_interval: Duration::from_millis(config.webhook_poll_ms),
-            schedule: RetrySchedule::new(config.webhook_retry_schedule.clone()),
-            breaker: BreakerSettings {
-                failure_threshold: config.webhook_breaker_failures,
-                open_for: Duration::from_secs(config.webhook_breaker_open_secs),
-            },
-            drain: Duration::from_secs(config.shutdown_grace_secs),
+            concurrency: config.webhooks.webhook_concurrency as usize,
+            per_endpoint: config.webhooks.webhook_endpoint_concurrency as usize,
+            lease: config.webhooks.lease(),
+            poll_interval: config.webhooks.poll_interval(),
+            schedule: config.webhooks.retry_schedule(),
+            breaker: config.webhooks.breaker(),
+            drain: config.worker.shutdown_grace(),
         },
     ));
-    let state = AppState::new(Services {
-        keys: keys.clone(),
-        limits: Arc::new(RequestLimits::new(limiter, config.rate_limit)),
-        auth_guard: Arc::new(AuthFailureGuard::new(config.auth_failure_limit)),
-        projects,
-        pods,
-        audit: Arc::new(AuditService::new(ports.audit)),
-        commands,
-        follow,
-        webhooks,
-        metrics,
-        profiler: Arc::new(JemallocProfiler),
-        cpu_profiler: Arc::new(PprofCpuProfiler::default()),
-        export_traces: config.otlp_endpoint.is_some(),
-        client_ip: Arc::new(
-            ClientIpResolver::new(config.trusted_proxies.clone())
-                .trusting_loopback(config.trust_loopback),
-        ),
-        probe: Arc::new(storage.clone()),
-        shutdown: shutdown.clone(),
-        draining: draining.clone(),
-        sse_keep_alive: Duration::from_secs(config.sse_keepalive_secs),
-    });
-    Ok(App {
-        listener,
-        router: http::router(state),
-        limits: ConnectionLimits {
-            max_head_bytes: usize::try_from(config.max_request_head_bytes).unwrap_or(usize::MAX),
-            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
-            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
-        },
-        connections,
-        shutdown,
-        draining,
-        drain_delay: Duration::from_secs(config.drain_delay_secs),
-        storage,
-        keys,
-        workers,
-        dispatcher,
-        bootstrap_key,
-    })
+    Ok((webhooks, dispatcher))
 }
 
 /// The local executor's user: `RDEV_LOCAL_RUN_AS`, else the server's own, which operators are
@@ -562,7 +675,7 @@ pub async fn build_with_clock(
 /// key file; the server's own memory and environment are closed to them, see
 /// [`crate::cli::protect_process`]).
 fn local_run_as(config: &Config) -> Result<Option<RunAs>, StartupError> {
-    if let Some(name) = &config.local_run_as {
+    if let Some(name) = &config.execution.local_run_as {
         return RunAs::lookup(name).map(Some).map_err(StartupError::RunAs);
     }
     // SAFETY: geteuid has no preconditions and touches no memory.
@@ -581,11 +694,7 @@ async fn connect_kube(
     source: KubeSource,
     metrics: Arc<Metrics>,
 ) -> Result<KubeApi, StartupError> {
-    let breaker = BreakerSettings {
-        failure_threshold: config.kube_breaker_failures,
-        open_for: Duration::from_secs(config.kube_breaker_open_secs),
-    };
-    let api = KubeApi::connect(&source, breaker, metrics)
+    let api = KubeApi::connect(&source, config.kube.breaker(), metrics)
         .await
         .map_err(StartupError::Kube)?;
     tracing::info!(?source, "Kubernetes API configured");
@@ -602,9 +711,10 @@ fn replica_name() -> String {
 /// Binds the configured address, builds the app, prints a generated bootstrap key once, and
 /// serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartupError> {
-    let listener = TcpListener::bind(config.listen_addr)
+    let address = config.http.listen_addr;
+    let listener = TcpListener::bind(address)
         .await
-        .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
+        .map_err(|e| StartupError::Bind(address, e))?;
     let app = build(config, listener).await?;
     if let Some(key) = &app.bootstrap_key {
         eprintln!(
@@ -631,9 +741,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
 /// Opens the database (applying its migrations) and closes it again: `rdev-api migrate`.
 pub async fn migrate(database_url: &Secret) -> Result<(), StartupError> {
-    let config = Config::with_database(database_url.expose());
-    let storage = Storage::open(&config, operator_heads()?).await?;
-    storage.close().await;
+    let admin = key_admin(database_url).await?;
+    admin.close().await;
     Ok(())
 }
 
@@ -641,26 +750,27 @@ pub async fn migrate(database_url: &Secret) -> Result<(), StartupError> {
 /// running server sees changes within its CACHE_TTL).
 pub struct KeyAdmin {
     pub keys: ApiKeyService,
-    storage: Storage,
+    database: Arc<dyn Database>,
 }
 
 impl KeyAdmin {
     pub async fn close(self) {
-        self.storage.close().await;
+        self.database.close().await;
     }
 }
 
-/// Operator commands publish the audit head to their log only.
-fn operator_heads() -> Result<Arc<dyn AuditHeads>, StartupError> {
-    Ok(Arc::new(Metrics::new().map_err(StartupError::Metrics)?))
-}
-
+/// Opens the database as an operator command does: its audit head goes to its log only, and
+/// no other replica hears from it (its changes reach running servers within `CACHE_TTL`).
 pub async fn key_admin(database_url: &Secret) -> Result<KeyAdmin, StartupError> {
     let config = Config::with_database(database_url.expose());
-    let storage = Storage::open(&config, operator_heads()?).await?;
+    let heads = Arc::new(Metrics::new().map_err(StartupError::Metrics)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let keys = ApiKeyService::new(storage.ports(&clock).keys, clock);
-    Ok(KeyAdmin { keys, storage })
+    let storage = open_storage(&config, heads, &clock, "operator").await?;
+    let keys = ApiKeyService::new(storage.ports.keys, clock);
+    Ok(KeyAdmin {
+        keys,
+        database: storage.database,
+    })
 }
 
 enum Signal {

@@ -14,8 +14,94 @@ pub mod remote;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{CommandFactory, FromArgMatches, Parser};
+
 use crate::adapters::telemetry;
-use crate::config::{CliCommand, Config, LogFormat, TraceSampler};
+use crate::config::{
+    Config, DatabaseConfig, LogFormat, ServerConfig, TelemetryConfig, TraceSampler,
+    name_values_after_env,
+};
+
+/// The command line. Without a subcommand it serves, taking the server's flags directly (so
+/// `rdev-api` with `RDEV_*` variables behaves as `rdev-api serve`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "rdev-api",
+    version,
+    about = "HTTP gateway for running commands in Kubernetes pods",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+    #[command(flatten)]
+    pub serve: Box<Config>,
+}
+
+impl Cli {
+    /// The command line and environment of this process, each value named after its
+    /// variable in errors; exits with clap's message when they do not parse.
+    pub fn from_env_and_args() -> Self {
+        let mut matches = name_values_after_env(Self::command()).get_matches();
+        Self::from_arg_matches_mut(&mut matches).unwrap_or_else(|error| error.exit())
+    }
+
+    /// [`Cli::from_env_and_args`] for given arguments.
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut matches = name_values_after_env(Self::command()).try_get_matches_from(args)?;
+        Self::from_arg_matches_mut(&mut matches)
+    }
+
+    /// What to do: the subcommand given, or serving.
+    pub fn into_command(self) -> CliCommand {
+        self.command.unwrap_or(CliCommand::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CliCommand {
+    /// Run the server (the default).
+    Serve(Box<Config>),
+    /// Apply the database migrations, then exit (the server also applies them at start).
+    Migrate(DatabaseConfig),
+    /// Manage API keys directly in the database (operators; no server needed).
+    Keys {
+        #[command(flatten)]
+        database: DatabaseConfig,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Run a command on a server and stream its output here; exits with its exit code.
+    #[command(after_help = RUN_EXIT_STATUS)]
+    Run {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// List, show, cancel and read the output of commands on a server.
+    Commands {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(subcommand)]
+        action: CommandsAction,
+    },
+    /// List the projects on a server.
+    Projects {
+        #[command(flatten)]
+        server: ServerConfig,
+        #[command(subcommand)]
+        action: ProjectsAction,
+    },
+}
+
+const RUN_EXIT_STATUS: &str = "Exit status: the command's exit code; 124 timed out; 125 rdev-api \
+     itself failed (server unreachable, request refused); 127 could not be started; 128 killed \
+     by a signal; 129 lost (the replica running it went away); 130 cancelled.";
 
 /// Exit status when rdev-api itself fails (as `docker run` and `timeout` do).
 pub const EXIT_CLIENT_FAILED: u8 = 125;
@@ -144,8 +230,8 @@ pub async fn main(command: CliCommand) -> ExitCode {
     match command {
         CliCommand::Serve(config) => {
             let telemetry = match telemetry::init(
-                config.log_format == LogFormat::Json,
-                trace_export(&config),
+                config.telemetry.log_format == LogFormat::Json,
+                trace_export(&config.telemetry),
             ) {
                 Ok(telemetry) => telemetry,
                 Err(error) => {
@@ -175,7 +261,7 @@ pub async fn main(command: CliCommand) -> ExitCode {
 }
 
 /// The span export the `OTEL_*` settings ask for; `None` without an endpoint.
-fn trace_export(config: &Config) -> Option<telemetry::TraceExport> {
+fn trace_export(config: &TelemetryConfig) -> Option<telemetry::TraceExport> {
     use opentelemetry_sdk::trace::Sampler;
     let ratio = config.otel_traces_sampler_arg.unwrap_or(1.0);
     let sampler = match config.otel_traces_sampler {
@@ -221,6 +307,56 @@ pub fn one_line(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_subcommand_serves_with_the_server_flags() {
+        let cli = Cli::try_parse_args(["rdev-api", "--workers", "7"]).unwrap();
+        let CliCommand::Serve(config) = cli.into_command() else {
+            panic!("expected serve");
+        };
+        assert_eq!(config.worker.workers, 7);
+        let cli = Cli::try_parse_args(["rdev-api", "serve", "--workers", "3"]).unwrap();
+        assert!(matches!(cli.into_command(), CliCommand::Serve(c) if c.worker.workers == 3));
+    }
+
+    #[test]
+    fn client_commands_parse_the_remote_command_verbatim() {
+        let cli = Cli::try_parse_args([
+            "rdev-api",
+            "run",
+            "--api-key",
+            "k",
+            "--project",
+            "demo",
+            "--priority",
+            "high",
+            "--",
+            "ls",
+            "-la",
+            "my dir",
+        ])
+        .unwrap();
+        let CliCommand::Run { server, args } = cli.into_command() else {
+            panic!("expected run");
+        };
+        assert_eq!(server.url, "http://127.0.0.1:8080");
+        assert_eq!(args.command, ["ls", "-la", "my dir"]);
+        assert!(
+            Cli::try_parse_args([
+                "rdev-api",
+                "run",
+                "--api-key",
+                "k",
+                "--url",
+                "ftp://x",
+                "--project",
+                "p",
+                "--",
+                "true"
+            ])
+            .is_err()
+        );
+    }
 
     #[test]
     fn env_pairs_need_a_name_and_an_equals_sign() {

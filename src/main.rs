@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use rdev_api::cli::Cli;
 
 /// jemalloc, for its sampling heap profiler behind `/debug/pprof/heap`.
 #[global_allocator]
@@ -13,9 +13,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "malloc_conf")]
 pub static malloc_conf: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
-use rdev_api::config::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    rdev_api::cli::main(Cli::parse().into_command()).await
+    rdev_api::cli::main(Cli::from_env_and_args().into_command()).await
 }

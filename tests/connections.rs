@@ -83,7 +83,7 @@ async fn a_request_head_over_the_limit_gets_a_431_problem_and_a_clean_close() {
 
     // The limit is configurable.
     let mut config = test_config(&db);
-    config.max_request_head_bytes = 16 * 1024;
+    config.http.max_request_head_bytes = 16 * 1024;
     let server = TestServer::start_with(config).await;
     let answer = exchange(&server, &request_with_filler(20 * 1024))
         .await
@@ -148,8 +148,8 @@ async fn health_on(tcp: &mut TcpStream) -> String {
 async fn a_slow_head_is_cut_at_the_header_timeout_and_a_quiet_keep_alive_at_the_idle_timeout() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let mut config = test_config(&db);
-    config.header_read_timeout_secs = 1;
-    config.idle_timeout_secs = 3;
+    config.http.header_read_timeout_secs = 1;
+    config.http.idle_timeout_secs = 3;
     let server = TestServer::start_with(config).await;
 
     // Slowloris: a header line every 200 ms, never the blank line.
@@ -249,8 +249,8 @@ async fn other_connections(server: &TestServer) -> i64 {
 async fn h2c_connections_that_say_nothing_are_closed_like_http1_ones() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let mut config = test_config(&db);
-    config.header_read_timeout_secs = 1;
-    config.idle_timeout_secs = 3;
+    config.http.header_read_timeout_secs = 1;
+    config.http.idle_timeout_secs = 3;
     let server = TestServer::start_with(config).await;
 
     let mut preface_only = connect(&server).await;

@@ -119,7 +119,7 @@ async fn ride_out_outage(lease_secs: u64, outage: Duration, lines: u32) {
     };
     let db = TestDb::at(&postgres.url());
     let mut config = test_config(&db);
-    config.lease_secs = lease_secs;
+    config.worker.lease_secs = lease_secs;
     let server = TestServer::start_with(config).await;
     let project = server
         .create_project("outage", json!({"max_concurrency": 1}))
@@ -173,8 +173,8 @@ async fn a_draining_replica_claims_nothing_and_says_why_it_stopped_the_rest(back
         return;
     };
     let mut config = test_config(&db);
-    config.drain_delay_secs = 4;
-    config.shutdown_grace_secs = 1;
+    config.http.drain_delay_secs = 4;
+    config.worker.shutdown_grace_secs = 1;
     let draining = TestServer::start_with(config).await;
     let project = draining
         .create_project("drain", json!({"max_concurrency": 4}))

@@ -317,7 +317,7 @@ async fn forwarded_for_counts_only_from_trusted_proxies(backend: Backend) {
         return;
     };
     let mut config = test_config(&db);
-    config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     let server = TestServer::start_with(config).await;
     let (_, office) = server
         .create_key(json!({"name": "office", "scopes": ["read"], "allowed_ips": ["10.0.0.0/8"]}))
@@ -359,12 +359,12 @@ async fn project_crud_and_validation(backend: Backend) {
     let fake = fake_kube::FakeKube::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&db);
-    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    config.kube.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
     // Both executors (RDEV_EXECUTORS=kube,local): the project moves from one to the other.
     // (RDEV_EXECUTOR=local: projects naming none stay local, as before the setting existed.)
-    config.executors =
+    config.execution.executors =
         Some(rdev_api::domain::project::EnabledExecutors::parse("kube,local").unwrap());
-    config.executor = Some(rdev_api::domain::project::ExecutorKind::Local);
+    config.execution.executor = Some(rdev_api::domain::project::ExecutorKind::Local);
     let server = TestServer::start_with(config).await;
     let created = server
         .post(
@@ -898,7 +898,7 @@ async fn draining_fails_readiness_but_keeps_serving(backend: Backend) {
         return;
     };
     let mut config = test_config(&db);
-    config.drain_delay_secs = 2;
+    config.http.drain_delay_secs = 2;
     let server = TestServer::start_with(config).await;
     server.begin_drain();
     let ready = server

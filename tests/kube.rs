@@ -40,10 +40,10 @@ impl Cluster {
         let fake = FakeKube::start().await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(&db);
-        config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
-        config.kube_breaker_failures = 3;
-        config.kube_breaker_open_secs = 1;
-        config.pod_restart_wait_secs = 10;
+        config.kube.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+        config.kube.kube_breaker_failures = 3;
+        config.kube.kube_breaker_open_secs = 1;
+        config.kube.pod_restart_wait_secs = 10;
         adjust(&mut config);
         let server = TestServer::start_with(config).await;
         Some(Cluster {
@@ -615,7 +615,7 @@ async fn executors_are_a_server_setting() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     // First the embedded default (local only), with no worker, so the command stays queued.
     let mut config = test_config(&db);
-    config.workers = 0;
+    config.worker.workers = 0;
     let local_only = TestServer::start_with(config).await;
     let project = local_only.create_project("was-local", json!({})).await;
     let queued = local_only
@@ -627,7 +627,7 @@ async fn executors_are_a_server_setting() {
     let fake = FakeKube::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&db);
-    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    config.kube.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
     let kube_only = TestServer::start_with(config).await;
     let failed = kube_only
         .wait_for(&queued, Some("failed"), Duration::from_secs(20))
@@ -697,9 +697,9 @@ async fn executors_are_a_server_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_that_fails_is_retried_and_one_that_never_works_ends_lost() {
     let cluster = Cluster::start_with(Backend::Sqlite, |config| {
-        config.lease_secs = 5;
+        config.worker.lease_secs = 5;
         // Failed stops must not open the breaker for the rest of the test.
-        config.kube_breaker_failures = 100;
+        config.kube.kube_breaker_failures = 100;
     })
     .await
     .unwrap();

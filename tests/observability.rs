@@ -357,7 +357,7 @@ async fn otlp_export_is_off_by_default() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {
         return;
     };
-    assert_eq!(test_config(&db).otlp_endpoint, None);
+    assert_eq!(test_config(&db).telemetry.otlp_endpoint, None);
     // A receiver on the port an SDK falls back to (4318) would see spans from an exporter
     // that was on without being asked for.
     let Ok(listener) = TcpListener::bind("127.0.0.1:4318").await else {

@@ -487,8 +487,8 @@ async fn submit_validation_idempotency_and_queue_limits(backend: Backend) {
         return;
     };
     let mut config = test_config(&db);
-    config.workers = 0;
-    config.max_queued = 3;
+    config.worker.workers = 0;
+    config.worker.max_queued = 3;
     let server = TestServer::start_with(config).await;
     let project = server.create_project("held", json!({})).await;
     let path = format!("/api/v1/projects/{project}/commands");
@@ -710,7 +710,7 @@ async fn crashed_server_leaves_running_commands_lost(backend: Backend) {
     process.child.kill().await.unwrap();
 
     let mut config = test_config(&db);
-    config.lease_secs = 2;
+    config.worker.lease_secs = 2;
     let server = TestServer::start_with(config).await;
     let lost = server
         .wait_for(&running, Some("lost"), Duration::from_secs(30))

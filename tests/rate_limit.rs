@@ -315,9 +315,9 @@ async fn three_server_processes_admit_exactly_the_limit_between_them() {
 async fn guessing_keys_from_one_address_is_cut_before_any_key_lookup() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let mut config = test_config(&db);
-    config.auth_failure_limit = RateLimit::parse("20/3600s").unwrap();
+    config.auth.auth_failure_limit = RateLimit::parse("20/3600s").unwrap();
     // The test client is the trusted proxy, so it can speak for several client addresses.
-    config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     let server = TestServer::start_with(config).await;
     let from = |address: &'static str, key: String| {
         server
@@ -432,7 +432,7 @@ async fn every_keyed_operation_declares_429_and_the_headers() {
 async fn postgres_rate_limits_need_a_postgres_store() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let mut config = test_config(&db);
-    config.rate_limit_backend = Some(rdev_api::config::RateLimitBackend::Postgres);
+    config.auth.rate_limit_backend = Some(rdev_api::config::RateLimitBackend::Postgres);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let Err(error) = rdev_api::app::build(config, listener).await else {
         panic!("the server started");

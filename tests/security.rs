@@ -213,7 +213,7 @@ async fn a_revocation_on_one_replica_takes_effect_on_another_within_a_second() {
     };
     // A long cache TTL: only the change notice can explain a quick 401.
     let mut config = support::test_config(&db);
-    config.cache_ttl = Duration::from_secs(600);
+    config.auth.cache_ttl = Duration::from_secs(600);
     let revoking = TestServer::start_with(config.clone()).await;
     let other = TestServer::start_with(config).await;
     let (id, secret) = revoking
@@ -690,11 +690,11 @@ async fn a_limited_admin_cannot_widen_its_reach_through_any_route() {
     fake.add_pod(fake_kube::PodSpec::running("team-q", "q-0"));
     let dir = tempfile::tempdir().unwrap();
     let mut config = support::test_config(&db);
-    config.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
+    config.kube.kubeconfig = vec![fake.write_kubeconfig(dir.path())];
     // Both executors on, so that a refusal below is the key's, not the server's.
-    config.executors =
+    config.execution.executors =
         Some(rdev_api::domain::project::EnabledExecutors::parse("kube,local").unwrap());
-    config.webhook_allow_private = true;
+    config.webhooks.webhook_allow_private = true;
     let server = TestServer::start_with(config).await;
     let kube_project = |name: &str, namespace: &str, pod: &str| {
         json!({"name": name, "workdir": "/", "executor": "kube",
@@ -1058,7 +1058,7 @@ async fn the_queue_position_is_a_global_count_that_names_no_other_project() {
         return;
     };
     let mut config = support::test_config(&db);
-    config.workers = 0;
+    config.worker.workers = 0;
     let server = TestServer::start_with(config).await;
     let theirs = server.create_project("theirs", json!({})).await;
     let mine = server.create_project("mine", json!({})).await;

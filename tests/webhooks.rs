@@ -120,11 +120,11 @@ impl Receiver {
 /// retries.
 fn config_for(db: &TestDb) -> rdev_api::config::Config {
     let mut config = test_config(db);
-    config.webhook_allow_private = true;
-    config.webhook_retry_schedule = vec![Duration::from_millis(200); 4];
-    config.webhook_poll_ms = 50;
-    config.webhook_timeout_secs = 2;
-    config.webhook_breaker_open_secs = 1;
+    config.webhooks.webhook_allow_private = true;
+    config.webhooks.webhook_retry_schedule = vec![Duration::from_millis(200); 4];
+    config.webhooks.webhook_poll_ms = 50;
+    config.webhooks.webhook_timeout_secs = 2;
+    config.webhooks.webhook_breaker_open_secs = 1;
     config
 }
 
@@ -363,7 +363,7 @@ async fn private_and_metadata_urls_are_refused_at_create_and_at_connect() {
         .await
         .expect("SQLite needs no server");
     let mut config = config_for(&db);
-    config.webhook_allow_private = false;
+    config.webhooks.webhook_allow_private = false;
     let server = TestServer::start_with(config).await;
     let receiver = Receiver::start(&[]).await;
     let port = receiver.addr.port();
@@ -449,9 +449,9 @@ async fn a_black_holed_endpoint_does_not_slow_a_healthy_one() {
         .expect("SQLite needs no server");
     let mut config = config_for(&db);
     // Long enough that no black-holed attempt ends during the test.
-    config.webhook_timeout_secs = 60;
-    config.webhook_concurrency = 16;
-    config.webhook_endpoint_concurrency = 4;
+    config.webhooks.webhook_timeout_secs = 60;
+    config.webhooks.webhook_concurrency = 16;
+    config.webhooks.webhook_endpoint_concurrency = 4;
     let server = TestServer::start_with(config).await;
     let (hole, _) = black_hole().await;
     let (dead, _) = create_webhook(&server, &format!("http://{hole}/hook"), &["*"]).await;

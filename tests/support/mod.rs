@@ -195,13 +195,13 @@ impl Drop for TestDb {
 
 pub fn test_config(db: &TestDb) -> Config {
     let mut config = Config::with_database(&db.url);
-    config.bootstrap_admin_key = Some(ADMIN_KEY.parse::<Secret>().unwrap());
-    config.workers = 4;
-    config.kill_grace_secs = 1;
-    config.shutdown_grace_secs = 1;
-    config.poll_interval_ms = 200;
+    config.auth.bootstrap_admin_key = Some(ADMIN_KEY.parse::<Secret>().unwrap());
+    config.worker.workers = 4;
+    config.worker.kill_grace_secs = 1;
+    config.worker.shutdown_grace_secs = 1;
+    config.worker.poll_interval_ms = 200;
     // Tests poll; a key's rate limit is tested where it is set on purpose (tests/rate_limit.rs).
-    config.rate_limit = rdev_api::domain::rate_limit::RateLimit::parse(UNREACHED_RATE_LIMIT)
+    config.auth.rate_limit = rdev_api::domain::rate_limit::RateLimit::parse(UNREACHED_RATE_LIMIT)
         .expect("a valid rate limit");
     config
 }
