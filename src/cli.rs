@@ -21,6 +21,7 @@ use crate::config::{
     Config, DatabaseConfig, LogFormat, ServerConfig, TelemetryConfig, TraceSampler,
     name_values_after_env,
 };
+pub use crate::domain::error::one_line;
 
 /// The command line. Without a subcommand it serves, taking the server's flags directly (so
 /// `rdev-api` with `RDEV_*` variables behaves as `rdev-api serve`).
@@ -287,21 +288,6 @@ fn trace_export(config: &TelemetryConfig) -> Option<telemetry::TraceExport> {
 pub fn fail(error: &dyn std::error::Error) -> ExitCode {
     eprintln!("rdev-api: {}", one_line(error));
     ExitCode::from(EXIT_CLIENT_FAILED)
-}
-
-/// An error with its source chain on one line (repeated messages skipped).
-pub fn one_line(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        let message = error.to_string();
-        if !line.contains(&message) {
-            line.push_str(": ");
-            line.push_str(&message);
-        }
-        cause = error.source();
-    }
-    line
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! A circuit breaker: after `failure_threshold` consecutive failures of a backend, calls fail
 //! fast for `open_for`; then one probe call is let through, and its result closes the breaker
 //! or opens it again. It keeps a struggling backend (the Kubernetes API) from being hammered
-//! and callers from waiting on timeouts they could have been spared. Beside it, [`Backoff`]:
-//! the waits between the tries of a call worth repeating.
+//! and callers from waiting on timeouts they could have been spared. Beside it, [`retry`]:
+//! the one loop that repeats a call worth repeating, under a [`RetryPolicy`] (how long to wait
+//! between tries, [`Backoff`], and when to give up), and [`finish_within`], the one wait for a
+//! set of tasks at shutdown.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,59 @@ impl Backoff {
         let doublings = failures.saturating_sub(1).min(31);
         self.first.saturating_mul(1 << doublings).min(self.max)
     }
+}
+
+/// How a failing call is repeated: the waits between tries, and when to stop trying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub backoff: Backoff,
+    /// At most this many tries in all.
+    pub tries: Option<u32>,
+    /// No new try once this long has passed since the first.
+    pub for_at_most: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// Whether another try may follow `failures` failed ones, `elapsed` after the first began.
+    pub fn tries_again(&self, failures: u32, elapsed: Duration) -> bool {
+        self.tries.is_none_or(|tries| failures < tries)
+            && self.for_at_most.is_none_or(|limit| elapsed < limit)
+    }
+}
+
+/// Calls `op` until it succeeds, `policy` gives up, or `worth_retrying` (told each error and
+/// how many tries failed so far; it is where a caller logs) says not to; returns the last
+/// result.
+pub async fn retry<T, E, Op, Fut>(
+    policy: RetryPolicy,
+    mut op: Op,
+    mut worth_retrying: impl FnMut(&E, u32) -> bool,
+) -> Result<T, E>
+where
+    Op: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut failures = 0;
+    loop {
+        let error = match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        failures += 1;
+        if !policy.tries_again(failures, started.elapsed()) || !worth_retrying(&error, failures) {
+            return Err(error);
+        }
+        tokio::time::sleep(policy.backoff.delay(failures)).await;
+    }
+}
+
+/// Waits up to `within` for every task in `tasks` to end; says whether they all did. What
+/// becomes of the rest (stopped, or aborted) is the caller's to decide.
+pub async fn finish_within(tasks: &mut tokio::task::JoinSet<()>, within: Duration) -> bool {
+    tokio::time::timeout(within, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_ok()
 }
 
 /// A call refused because the breaker is open.
@@ -271,5 +326,65 @@ mod tests {
             .collect();
         assert_eq!(delays, [500, 1000, 2000, 4000, 5000, 5000]);
         assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn retry_stops_at_success_at_its_limit_or_when_told() {
+        let policy = RetryPolicy {
+            backoff: Backoff {
+                first: Duration::from_millis(10),
+                max: Duration::from_millis(40),
+            },
+            tries: Some(5),
+            for_at_most: None,
+        };
+        let calls = std::cell::Cell::new(0);
+        let succeeds_third = retry(
+            policy,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move { if n < 3 { Err(n) } else { Ok(n) } }
+            },
+            |_, _| true,
+        )
+        .await;
+        assert_eq!((succeeds_third, calls.get()), (Ok(3), 3));
+        calls.set(0);
+        let started = tokio::time::Instant::now();
+        let never: Result<(), u32> = retry(
+            policy,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err(0) }
+            },
+            |_, _| true,
+        )
+        .await;
+        assert!(never.is_err());
+        assert_eq!(calls.get(), 5, "five tries in all");
+        assert!(
+            started.elapsed() >= Duration::from_millis(10 + 20 + 40 + 40),
+            "waits back off to their ceiling: {:?}",
+            started.elapsed()
+        );
+        calls.set(0);
+        let refused: Result<(), &str> = retry(
+            policy,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err("fatal") }
+            },
+            |error, _| *error != "fatal",
+        )
+        .await;
+        assert_eq!((refused, calls.get()), (Err("fatal"), 1));
+        let timed = RetryPolicy {
+            tries: None,
+            for_at_most: Some(Duration::from_millis(250)),
+            ..policy
+        };
+        assert!(timed.tries_again(3, Duration::from_millis(200)));
+        assert!(!timed.tries_again(3, Duration::from_millis(250)));
     }
 }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::client::{ApiClient, ClientError, CommandView, Page};
 use super::{CommandsAction, ProjectsAction, RunArgs, fail};
 use crate::config::ServerConfig;
+use crate::resilience::Backoff;
 
 /// A stream that says nothing this long (the server sends keep-alives every 15 s by default)
 /// is taken as dropped.
@@ -20,7 +21,11 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// How long to keep trying to get a dropped stream back.
 const RECONNECT_GIVE_UP: Duration = Duration::from_secs(120);
 const FIRST_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Waits between reconnects while the server cannot be reached.
+const RECONNECT: Backoff = Backoff {
+    first: FIRST_RETRY,
+    max: Duration::from_secs(5),
+};
 /// How often the queue position is asked for while the command waits.
 const POSITION_POLL: Duration = Duration::from_secs(2);
 
@@ -121,7 +126,7 @@ enum Stopped {
 
 impl Follower<'_> {
     async fn run(mut self) -> Result<Option<Ending>, ClientError> {
-        let mut retry = FIRST_RETRY;
+        let mut failures = 0;
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             if self.caught_up() {
@@ -134,8 +139,8 @@ impl Follower<'_> {
                     if since.elapsed() > RECONNECT_GIVE_UP {
                         return Err(error);
                     }
-                    tokio::time::sleep(retry).await;
-                    retry = (retry * 2).min(MAX_RETRY);
+                    failures += 1;
+                    tokio::time::sleep(RECONNECT.delay(failures)).await;
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -146,7 +151,7 @@ impl Follower<'_> {
                     self.after
                 ));
             }
-            retry = FIRST_RETRY;
+            failures = 0;
             match self.read(events).await? {
                 Stopped::Ended(ending) => return Ok(Some(ending)),
                 Stopped::CaughtUp => return Ok(None),

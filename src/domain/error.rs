@@ -16,6 +16,22 @@ pub enum DomainError {
     },
 }
 
+/// An error and its causes on one line, `what: why: why`, a cause whose words the line already
+/// holds left out (wrappers often repeat their source). For logs, records and the CLI.
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let message = error.to_string();
+        if !line.contains(&message) {
+            line.push_str(": ");
+            line.push_str(&message);
+        }
+        cause = error.source();
+    }
+    line
+}
+
 fn summarize(errors: &[FieldError]) -> String {
     errors
         .iter()

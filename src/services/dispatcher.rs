@@ -19,7 +19,9 @@ use crate::ports::{
     AttemptReport, CircuitMetrics, CircuitState, ClaimRequest, Clock, DeliveryQueue, DueDelivery,
     NextStep, OutgoingWebhook, SendError, WebhookMetrics, WebhookSender,
 };
-use crate::resilience::{BreakerSettings, CircuitBreaker, Guarded};
+use crate::resilience::{
+    Backoff, BreakerSettings, CircuitBreaker, Guarded, RetryPolicy, finish_within, retry,
+};
 
 pub struct DispatcherPorts {
     pub queue: Arc<dyn DeliveryQueue>,
@@ -189,11 +191,7 @@ impl Dispatcher {
                 }
             }
         }
-        let drained = tokio::time::timeout(self.settings.drain, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        if !finish_within(&mut tasks, self.settings.drain).await {
             tracing::info!(
                 in_flight = tasks.len(),
                 "webhook attempts still in flight at shutdown are left to their leases"
@@ -318,8 +316,15 @@ impl Dispatcher {
     }
 }
 
-/// Times a batch of reports is written before it is given up.
-const REPORT_TRIES: u32 = 20;
+/// A batch of reports is written every half second, 20 times, before it is given up.
+const REPORT_RETRY: RetryPolicy = RetryPolicy {
+    backoff: Backoff {
+        first: Duration::from_millis(500),
+        max: Duration::from_millis(500),
+    },
+    tries: Some(20),
+    for_at_most: None,
+};
 
 /// Writes reports in batches as they come; a failed write is retried (for about 10 s, a
 /// database failover), then given up: the leases bring those deliveries back, and they are sent
@@ -330,17 +335,17 @@ async fn report_loop(
 ) {
     let mut batch = Vec::with_capacity(REPORT_BATCH);
     while inbox.recv_many(&mut batch, REPORT_BATCH).await > 0 {
-        for tried in 1..=REPORT_TRIES {
-            match queue.report(&batch).await {
-                Ok(()) => break,
-                Err(error) if tried == REPORT_TRIES => {
-                    tracing::error!(%error, reports = batch.len(), "gave up recording webhook attempts; their deliveries will be sent again");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, reports = batch.len(), "cannot record webhook attempts; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+        let reported = retry(
+            REPORT_RETRY,
+            || queue.report(&batch),
+            |error, _| {
+                tracing::warn!(%error, reports = batch.len(), "cannot record webhook attempts; retrying");
+                true
+            },
+        )
+        .await;
+        if let Err(error) = reported {
+            tracing::error!(%error, reports = batch.len(), "gave up recording webhook attempts; their deliveries will be sent again");
         }
         batch.clear();
     }

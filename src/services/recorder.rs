@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::domain::command::{OutputChunk, OutputStream};
 use crate::domain::ids::CommandId;
 use crate::ports::{BusEvent, CommandMetrics, OutputBus, OutputProgress, OutputStore, PortError};
+use crate::resilience::{Backoff, RetryPolicy, retry};
 
 /// Records queued between the worker and the writer: bounds memory per running command.
 const WRITER_BACKLOG: usize = 64;
@@ -285,8 +286,11 @@ enum Stored {
     LeaseLost,
 }
 
-/// Longest pause between two attempts to store a batch.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Pauses between attempts to store a batch.
+const STORE_BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(50),
+    max: Duration::from_secs(1),
+};
 
 async fn store_with_retry(
     store: &dyn OutputStore,
@@ -295,24 +299,32 @@ async fn store_with_retry(
     chunks: &[OutputChunk],
     progress: OutputProgress,
 ) -> Stored {
-    let give_up = tokio::time::Instant::now() + fence.retry_for;
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1.. {
-        match store.append(command, &fence.owner, chunks, progress).await {
-            Ok(()) => return Stored::Yes,
-            Err(PortError::LeaseLost) => return Stored::LeaseLost,
-            Err(error) if tokio::time::Instant::now() < give_up => {
+    let policy = RetryPolicy {
+        backoff: STORE_BACKOFF,
+        tries: None,
+        for_at_most: Some(fence.retry_for),
+    };
+    let stored = retry(
+        policy,
+        || store.append(command, &fence.owner, chunks, progress),
+        |error, attempt| {
+            // A lost lease is final: another replica owns the command now.
+            let again = !matches!(error, PortError::LeaseLost);
+            if again {
                 tracing::warn!(%command, attempt, error = %error, "storing output failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
-            Err(error) => {
-                tracing::error!(%command, chunks = chunks.len(), error = %error, "output could not be stored and was dropped");
-                return Stored::Dropped;
-            }
+            again
+        },
+    )
+    .await;
+    match stored {
+        Ok(()) => Stored::Yes,
+        Err(PortError::LeaseLost) => Stored::LeaseLost,
+        Err(error) => {
+            tracing::error!(%command, chunks = chunks.len(), error = %error, "output could not be stored and was dropped");
+            Stored::Dropped
         }
     }
-    unreachable!("the attempts only end by returning")
 }
 
 #[cfg(test)]

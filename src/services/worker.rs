@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
+use crate::domain::error::one_line;
 use bytes::Bytes;
 
 use crate::domain::command::{
@@ -23,6 +24,7 @@ use crate::ports::{
     Finished, OutputBus, OutputProgress, OutputStore, PortError, ProjectRepository, Received,
     Subscription, WorkSignal,
 };
+use crate::resilience::{Backoff, RetryPolicy, finish_within, retry};
 
 use super::recorder::{Fence, OutputRecorder, RecorderPorts};
 
@@ -97,6 +99,16 @@ pub struct WorkerPool {
 
 /// Finishes written per transaction at most.
 const MAX_FINISH_BATCH: usize = 128;
+/// A failed write of command ends is tried again: the commands would otherwise be reaped as
+/// `lost` and their real ends forgotten.
+const FINISH_RETRY: RetryPolicy = RetryPolicy {
+    backoff: Backoff {
+        first: Duration::from_millis(100),
+        max: Duration::from_millis(800),
+    },
+    tries: Some(5),
+    for_at_most: None,
+};
 /// How long a busy claimer waits for more free slots before claiming.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
 
@@ -129,7 +141,6 @@ enum StartError {
     Executor(#[source] PortError),
 }
 
-/// An error and its causes on one line, for the `error` field a client reads.
 /// The span of one command's run, from its claim to its recorded end; output flushes are its
 /// children. (Webhook deliveries, run elsewhere, follow the same pattern: an `info_span!` named
 /// `webhook.deliver` with the command id, `.instrument`ed onto the delivery future.)
@@ -142,17 +153,6 @@ fn execution_span(command: &Command) -> tracing::Span {
         status = tracing::field::Empty,
         exit_code = tracing::field::Empty,
     )
-}
-
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 impl WorkerPool {
@@ -273,11 +273,7 @@ impl WorkerPool {
                 }
             }
         }
-        let drained = tokio::time::timeout(self.settings.drain, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        if !finish_within(&mut running, self.settings.drain).await {
             tracing::warn!(
                 active = self.active(),
                 "drain period over, stopping running commands"
@@ -318,20 +314,15 @@ impl WorkerPool {
         &self,
         items: &[Finished],
     ) -> Result<Vec<Result<Command, PortError>>, PortError> {
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 1;
-        loop {
-            match self.ports.queue.finish(&self.owner, items).await {
-                Ok(results) => return Ok(results),
-                Err(error) if attempt < 5 => {
-                    tracing::warn!(%error, attempt, "writing command ends failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        retry(
+            FINISH_RETRY,
+            || self.ports.queue.finish(&self.owner, items),
+            |error, attempt| {
+                tracing::warn!(%error, attempt, "writing command ends failed, retrying");
+                true
+            },
+        )
+        .await
     }
 
     /// Marks commands whose lease expired `lost`. When this replica has been out of contact
@@ -427,7 +418,7 @@ impl WorkerPool {
                     .await
             }
             Err(error) => {
-                let message = with_causes(&error);
+                let message = one_line(&error);
                 tracing::warn!(command = %id, error = message, "command could not be started");
                 self.outcome(
                     None,
@@ -477,7 +468,7 @@ impl WorkerPool {
             ),
             Err(error) => tracing::error!(
                 command = %id,
-                error = with_causes(&error),
+                error = one_line(&error),
                 "recording the end of a command failed"
             ),
         }
@@ -653,11 +644,11 @@ impl WorkerPool {
             // The executor lost track of the process (its pod vanished, its stream broke): how
             // it ended is unknown, which is what `lost` means.
             Err(error @ PortError::Unavailable(_)) => {
-                tracing::warn!(command = %id, error = %with_causes(&error), "lost track of the command");
+                tracing::warn!(command = %id, error = %one_line(&error), "lost track of the command");
                 let reason = stopped_by.or(Some(TerminationReason::Lost));
-                self.outcome(None, reason, Some(with_causes(&error)), progress)
+                self.outcome(None, reason, Some(one_line(&error)), progress)
             }
-            Err(error) => self.outcome(None, stopped_by, Some(with_causes(&error)), progress),
+            Err(error) => self.outcome(None, stopped_by, Some(one_line(&error)), progress),
         }
     }
 

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use crate::domain::FieldError;
 use crate::domain::api_key::KeyRejection;
+use crate::domain::error::one_line;
 use crate::ports::PodError;
 use crate::services::ServiceError;
 
@@ -279,17 +280,6 @@ fn problem_type(slug: &str) -> String {
     format!("urn:rdev:problem:{slug}")
 }
 
-fn cause_chain(error: &dyn std::error::Error) -> String {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let ProblemSpec {
@@ -302,7 +292,7 @@ impl IntoResponse for ApiError {
             Detail::Shown => (self.to_string(), None),
             Detail::Logged => (
                 "the server could not complete the request; it has been logged".to_owned(),
-                Some(ErrorChain(cause_chain(&self))),
+                Some(ErrorChain(one_line(&self))),
             ),
         };
         let errors = (!fields.is_empty()).then(|| {
