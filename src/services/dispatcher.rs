@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::audit::{AuditContext, NewAuditEvent, action};
-use crate::domain::webhook::{Attempt, AttemptVerdict, RetrySchedule, WebhookId};
+use crate::domain::webhook::{Attempt, AttemptVerdict, DeliveryId, RetrySchedule, WebhookId};
 use crate::ports::{
     AttemptReport, CircuitMetrics, CircuitState, ClaimRequest, Clock, DeliveryQueue, DueDelivery,
     NextStep, OutgoingWebhook, SendError, WebhookMetrics, WebhookSender,
@@ -259,35 +260,19 @@ impl Dispatcher {
             Ok(code) => (Some(*code), None),
             Err(error) => (None, Some(error.to_string())),
         };
-        let verdict = AttemptVerdict::of(status_code);
-        let next = match verdict {
-            AttemptVerdict::Delivered => NextStep::Delivered,
-            AttemptVerdict::Gone => NextStep::DisableEndpoint {
-                reason: "the endpoint answered 410 Gone".into(),
-                audit: Box::new(NewAuditEvent::new(
-                    &AuditContext::system(),
-                    now,
-                    action::WEBHOOK_DISABLED,
-                    ("webhook", delivery.webhook_id.to_string()),
-                    json!({"reason": "410 Gone", "delivery_id": delivery.id.as_uuid()}),
-                )),
+        let next = next_step(
+            AttemptVerdict::of(status_code),
+            Tried {
+                delivery: delivery.id,
+                webhook: delivery.webhook_id,
+                number,
+                started: now,
+                ended: self.ports.clock.now(),
             },
-            AttemptVerdict::Retry => match self
-                .settings
-                .schedule
-                .next_delay(number, rand::random::<f64>())
-            {
-                Some(delay) => NextStep::RetryAt(self.ports.clock.now() + delay),
-                None => NextStep::Failed,
-            },
-        };
-        let outcome = match (&next, &answer) {
-            (_, Err(SendError::Refused(_))) => "refused",
-            (NextStep::Delivered, _) => "delivered",
-            (NextStep::DisableEndpoint { .. }, _) => "gone",
-            (NextStep::RetryAt(_), _) => "retry",
-            (NextStep::Failed, _) => "failed",
-        };
+            &self.settings.schedule,
+            rand::random::<f64>(),
+        );
+        let outcome = outcome(&next, matches!(answer, Err(SendError::Refused(_))));
         self.ports.metrics.webhook_attempt(outcome, latency);
         if outcome != "delivered" {
             tracing::info!(
@@ -313,6 +298,63 @@ impl Dispatcher {
             }),
             next,
         }
+    }
+}
+
+/// One attempt of a delivery, as the policy sees it.
+struct Tried {
+    delivery: DeliveryId,
+    webhook: WebhookId,
+    /// Its number: 1 for the first.
+    number: u32,
+    started: OffsetDateTime,
+    /// The next attempt's wait runs from here.
+    ended: OffsetDateTime,
+}
+
+/// What follows an attempt, from its verdict alone: delivered, the endpoint gone (disabled,
+/// audited), or another attempt after the schedule's next wait (`jitter` in [0, 1) spreads it),
+/// or failed once the schedule is spent.
+fn next_step(
+    verdict: AttemptVerdict,
+    tried: Tried,
+    schedule: &RetrySchedule,
+    jitter: f64,
+) -> NextStep {
+    let Tried {
+        delivery,
+        webhook,
+        number,
+        started,
+        ended,
+    } = tried;
+    match verdict {
+        AttemptVerdict::Delivered => NextStep::Delivered,
+        AttemptVerdict::Gone => NextStep::DisableEndpoint {
+            reason: "the endpoint answered 410 Gone".into(),
+            audit: Box::new(NewAuditEvent::new(
+                &AuditContext::system(),
+                started,
+                action::WEBHOOK_DISABLED,
+                ("webhook", webhook.to_string()),
+                json!({"reason": "410 Gone", "delivery_id": delivery.as_uuid()}),
+            )),
+        },
+        AttemptVerdict::Retry => match schedule.next_delay(number, jitter) {
+            Some(delay) => NextStep::RetryAt(ended + delay),
+            None => NextStep::Failed,
+        },
+    }
+}
+
+/// The attempt's label in `rdev_webhook_deliveries_total{outcome}`.
+fn outcome(next: &NextStep, refused: bool) -> &'static str {
+    match next {
+        _ if refused => "refused",
+        NextStep::Delivered => "delivered",
+        NextStep::DisableEndpoint { .. } => "gone",
+        NextStep::RetryAt(_) => "retry",
+        NextStep::Failed => "failed",
     }
 }
 
@@ -356,4 +398,59 @@ fn traceparent() -> String {
     let trace: u128 = rand::random::<u128>() | 1;
     let span: u64 = rand::random::<u64>() | 1;
     format!("00-{trace:032x}-{span:016x}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tried(number: u32) -> (Tried, OffsetDateTime) {
+        let started = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let ended = started + Duration::from_secs(2);
+        let tried = Tried {
+            delivery: DeliveryId::new(),
+            webhook: WebhookId::new(),
+            number,
+            started,
+            ended,
+        };
+        (tried, ended)
+    }
+
+    #[test]
+    fn the_next_step_follows_the_verdict_and_the_schedule() {
+        let schedule = RetrySchedule::new(vec![Duration::from_secs(5), Duration::from_secs(30)]);
+        let (first, ended) = tried(1);
+        assert!(matches!(
+            next_step(AttemptVerdict::Delivered, first, &schedule, 0.5),
+            NextStep::Delivered
+        ));
+        // The middle of the jitter is the schedule's own wait, counted from the attempt's end.
+        let (first, _) = tried(1);
+        let NextStep::RetryAt(at) = next_step(AttemptVerdict::Retry, first, &schedule, 0.5) else {
+            panic!("a retry");
+        };
+        assert_eq!(at, ended + Duration::from_secs(5));
+        let (last, _) = tried(3);
+        assert!(matches!(
+            next_step(AttemptVerdict::Retry, last, &schedule, 0.5),
+            NextStep::Failed
+        ));
+        let (gone, _) = tried(1);
+        let webhook = gone.webhook;
+        let NextStep::DisableEndpoint { reason, audit } =
+            next_step(AttemptVerdict::Gone, gone, &schedule, 0.5)
+        else {
+            panic!("the endpoint is disabled");
+        };
+        assert!(reason.contains("410"));
+        assert_eq!(audit.target_id, webhook.to_string());
+    }
+
+    #[test]
+    fn a_refused_destination_is_labelled_so_whatever_follows() {
+        assert_eq!(outcome(&NextStep::Failed, true), "refused");
+        assert_eq!(outcome(&NextStep::Failed, false), "failed");
+        assert_eq!(outcome(&NextStep::Delivered, false), "delivered");
+    }
 }

@@ -18,11 +18,12 @@ use bytes::Bytes;
 use crate::domain::command::{
     Command, CommandOutcome, CommandStatus, OutputStream, TerminationReason,
 };
+use crate::domain::ids::CommandId;
 use crate::domain::project::{ExecutorKind, Project};
 use crate::ports::{
     BusEvent, Claim, Clock, CommandMetrics, CommandQueue, ExecRequest, Execution, Executor,
     Finished, OutputBus, OutputProgress, OutputStore, PortError, ProjectRepository, Received,
-    Subscription, WorkSignal,
+    RenewedLeases, Subscription, WorkSignal,
 };
 use crate::resilience::{Backoff, RetryPolicy, finish_within, retry};
 
@@ -54,6 +55,44 @@ pub struct WorkerPorts {
     /// commands fail to start, saying so.
     pub local: Option<Arc<dyn Executor>>,
     pub kube: Option<Arc<dyn Executor>>,
+}
+
+/// What one lease renewal (`None`: it failed) means for a running command.
+#[derive(Debug, PartialEq, Eq)]
+struct RenewalVerdict {
+    /// The lease runs from now.
+    renewed: bool,
+    /// Why the command must stop, if it must.
+    stop: Option<TerminationReason>,
+}
+
+/// The heartbeat's policy: a command the reaper gave up (this replica stalled past its lease)
+/// stops, since its slot is free again; one whose cancel was asked for stops; and after two
+/// leases without a renewal (the lease, and the lease of grace reapers give after an outage)
+/// another replica may have reaped it, so it stops as lost.
+fn after_renewal(
+    renewal: Option<&RenewedLeases>,
+    id: CommandId,
+    unrenewed_for: Duration,
+    lease: Duration,
+) -> RenewalVerdict {
+    match renewal {
+        Some(renewed) if renewed.lost.contains(&id) => RenewalVerdict {
+            renewed: false,
+            stop: Some(TerminationReason::Lost),
+        },
+        Some(renewed) => RenewalVerdict {
+            renewed: true,
+            stop: renewed
+                .cancel_requested
+                .contains(&id)
+                .then_some(TerminationReason::Cancel),
+        },
+        None => RenewalVerdict {
+            renewed: false,
+            stop: (unrenewed_for >= lease * 2).then_some(TerminationReason::Lost),
+        },
+    }
 }
 
 /// How supervising a process ended.
@@ -593,25 +632,17 @@ impl WorkerPool {
                 // The store refused output: the lease is gone.
                 _ = lease_lost.cancelled(), if stopped_by.is_none() => Some(TerminationReason::Lost),
                 _ = heartbeat.tick() => {
-                    match self.ports.queue.renew_leases(&self.owner, &[id], self.settings.lease).await {
-                        // The reaper gave the command up (this replica stalled past its lease):
-                        // its slot is free again, so the process must not go on.
-                        Ok(renewed) if renewed.lost.contains(&id) => Some(TerminationReason::Lost),
-                        Ok(renewed) => {
-                            renewed_at = Instant::now();
-                            renewed.cancel_requested.contains(&id).then_some(TerminationReason::Cancel)
-                        }
-                        // Two leases: the lease, and the lease of grace reapers give after an
-                        // outage. Past that, another replica may have reaped the command.
-                        Err(error) if renewed_at.elapsed() >= self.settings.lease * 2 => {
-                            tracing::warn!(command = %id, %error, "no lease renewal for two leases: stopping the command");
-                            Some(TerminationReason::Lost)
-                        }
-                        Err(error) => {
-                            tracing::warn!(command = %id, %error, "lease renewal failed");
-                            None
-                        }
+                    let renewal = self.ports.queue.renew_leases(&self.owner, &[id], self.settings.lease).await;
+                    let verdict = after_renewal(renewal.as_ref().ok(), id, renewed_at.elapsed(), self.settings.lease);
+                    match (&renewal, verdict.stop) {
+                        (Err(error), Some(_)) => tracing::warn!(command = %id, %error, "no lease renewal for two leases: stopping the command"),
+                        (Err(error), None) => tracing::warn!(command = %id, %error, "lease renewal failed"),
+                        (Ok(_), _) => {}
                     }
+                    if verdict.renewed {
+                        renewed_at = Instant::now();
+                    }
+                    verdict.stop
                 }
             };
             if let Some(reason) = reason
@@ -672,5 +703,59 @@ impl WorkerPool {
             truncated: progress.truncated,
             last_seq: progress.last_seq,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn renewed(cancel: &[CommandId], lost: &[CommandId]) -> RenewedLeases {
+        RenewedLeases {
+            cancel_requested: cancel.to_vec(),
+            lost: lost.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_command_running_unless_it_was_cancelled_or_reaped() {
+        let (id, other) = (CommandId::new(), CommandId::new());
+        let quiet = Duration::ZERO;
+        let running = after_renewal(Some(&renewed(&[other], &[other])), id, quiet, LEASE);
+        assert_eq!(
+            running,
+            RenewalVerdict {
+                renewed: true,
+                stop: None
+            }
+        );
+        let cancelled = after_renewal(Some(&renewed(&[id], &[])), id, quiet, LEASE);
+        assert_eq!(cancelled.stop, Some(TerminationReason::Cancel));
+        assert!(cancelled.renewed);
+        let reaped = after_renewal(Some(&renewed(&[], &[id])), id, quiet, LEASE);
+        assert_eq!(
+            reaped,
+            RenewalVerdict {
+                renewed: false,
+                stop: Some(TerminationReason::Lost)
+            }
+        );
+    }
+
+    #[test]
+    fn failed_renewals_stop_the_command_after_two_leases() {
+        let id = CommandId::new();
+        let brief = after_renewal(None, id, LEASE, LEASE);
+        assert_eq!(
+            brief,
+            RenewalVerdict {
+                renewed: false,
+                stop: None
+            }
+        );
+        let long = after_renewal(None, id, LEASE * 2, LEASE);
+        assert_eq!(long.stop, Some(TerminationReason::Lost));
     }
 }
