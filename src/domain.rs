@@ -13,4 +13,4 @@ pub mod validation;
 pub mod webhook;
 
 pub use error::DomainError;
-pub use validation::{FieldError, Validation};
+pub use validation::{Checked, FieldError, Valid, Validation};

@@ -162,9 +162,8 @@ proptest! {
     ) {
         let mut v = Validation::new();
         let parsed = EnvVars::parse(raw.clone(), "/env", &mut v);
-        match parsed {
-            Some(env) => {
-                prop_assert!(v.finish().is_ok());
+        match v.finish_with(|valid| valid.open(parsed)) {
+            Ok(env) => {
                 for (name, value) in env.iter() {
                     prop_assert!(!value.contains('\0'));
                     prop_assert!(name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'));
@@ -172,7 +171,10 @@ proptest! {
                 let stored = EnvVars::from_trusted_json(&env.to_json()).unwrap();
                 prop_assert_eq!(stored, env);
             }
-            None => prop_assert!(v.finish().is_err()),
+            Err(rdev_api::domain::DomainError::Invalid(errors)) => prop_assert!(
+                !errors.is_empty() && errors.iter().all(|e| e.pointer.starts_with("/env"))
+            ),
+            Err(other) => prop_assert!(false, "{}", other),
         }
         let _: BTreeMap<String, String> = raw;
     }

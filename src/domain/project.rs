@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use super::DomainError;
 use super::audit::ChangedFields;
 use super::ids::ProjectId;
-use super::validation::{Rule, Validation};
+use super::validation::{Checked, Rule, Validation};
 
 pub const MAX_CONCURRENCY: u32 = 64;
 pub const MAX_TIMEOUT_SECS: u32 = 24 * 60 * 60;
@@ -181,30 +181,32 @@ pub struct EnvVars(BTreeMap<EnvVarName, String>);
 
 impl EnvVars {
     /// Checks every entry, reporting each bad one under `pointer/<name>`.
-    pub fn parse(raw: BTreeMap<String, String>, pointer: &str, v: &mut Validation) -> Option<Self> {
+    pub fn parse(
+        raw: BTreeMap<String, String>,
+        pointer: &str,
+        v: &mut Validation,
+    ) -> Checked<Self> {
         if raw.len() > MAX_ENV_VARS {
-            v.fail(pointer, format!("at most {MAX_ENV_VARS} variables"));
-            return None;
+            return v.refuse(pointer, format!("at most {MAX_ENV_VARS} variables"));
         }
-        let mut vars = BTreeMap::new();
-        let mut ok = true;
+        let mut vars = Checked::given(BTreeMap::new());
         for (name, value) in raw {
             let here = format!("{pointer}/{}", escape_pointer(&name));
-            if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
-                v.fail(
+            let value = if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+                v.refuse(
                     &here,
                     format!("values are at most {MAX_ENV_VALUE_BYTES} bytes, without NUL"),
-                );
-                ok = false;
-            }
-            match v.check(&here, EnvVarName::parse(name)) {
-                Some(name) => {
-                    vars.insert(name, value);
-                }
-                None => ok = false,
-            }
+                )
+            } else {
+                Checked::given(value)
+            };
+            let entry = v.check(&here, EnvVarName::parse(name)).and(value);
+            vars = vars.and(entry).map(|(mut vars, (name, value))| {
+                vars.insert(name, value);
+                vars
+            });
         }
-        ok.then_some(Self(vars))
+        vars.map(Self)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -491,8 +493,8 @@ mod tests {
             ("1BAD".to_string(), "x".to_string()),
             ("a/b".to_string(), "x".to_string()),
         ]);
-        assert!(EnvVars::parse(raw, "/env", &mut v).is_none());
-        let Err(DomainError::Invalid(errors)) = v.finish() else {
+        let parsed = EnvVars::parse(raw, "/env", &mut v);
+        let Err(DomainError::Invalid(errors)) = v.finish_with(|valid| valid.open(parsed)) else {
             panic!()
         };
         let pointers: Vec<_> = errors.iter().map(|e| e.pointer.as_str()).collect();

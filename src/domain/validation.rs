@@ -31,6 +31,48 @@ impl Rule {
     }
 }
 
+/// A value a [`Validation`] checked. It opens only inside [`Validation::finish_with`], which
+/// runs its builder only once every check passed: no caller unwraps what it merely believes
+/// is there.
+#[derive(Debug)]
+#[must_use]
+pub struct Checked<T>(Option<T>);
+
+impl<T> Checked<T> {
+    /// A value that needed no check.
+    pub fn given(value: T) -> Self {
+        Self(Some(value))
+    }
+
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Checked<U> {
+        Checked(self.0.map(f))
+    }
+
+    /// Both values, checked together.
+    pub fn and<U>(self, other: Checked<U>) -> Checked<(T, U)> {
+        Checked(self.0.zip(other.0))
+    }
+
+    /// An optional checked value as a checked option.
+    pub fn transpose(checked: Option<Checked<T>>) -> Checked<Option<T>> {
+        match checked {
+            None => Checked(Some(None)),
+            Some(Checked(value)) => Checked(value.map(Some)),
+        }
+    }
+}
+
+/// The proof that every check of a [`Validation`] passed, which opens its [`Checked`] values.
+pub struct Valid(());
+
+impl Valid {
+    pub fn open<T>(&self, checked: Checked<T>) -> T {
+        checked
+            .0
+            .expect("a Valid exists only once every check passed")
+    }
+}
+
 /// Gathers the outcome of many parses; [`Validation::finish`] fails if any of them did.
 #[derive(Debug, Default)]
 pub struct Validation {
@@ -43,12 +85,12 @@ impl Validation {
     }
 
     /// Keeps the value, or records the rule it broke under `pointer`.
-    pub fn check<T>(&mut self, pointer: &str, parsed: Result<T, Rule>) -> Option<T> {
+    pub fn check<T>(&mut self, pointer: &str, parsed: Result<T, Rule>) -> Checked<T> {
         match parsed {
-            Ok(value) => Some(value),
+            Ok(value) => Checked(Some(value)),
             Err(rule) => {
                 self.errors.push(FieldError::new(pointer, rule.0));
-                None
+                Checked(None)
             }
         }
     }
@@ -56,6 +98,12 @@ impl Validation {
     /// Records a failure that is not the result of a parse.
     pub fn fail(&mut self, pointer: &str, message: impl Into<String>) {
         self.errors.push(FieldError::new(pointer, message));
+    }
+
+    /// Records a failure and stands for the value that could not be had.
+    pub fn refuse<T>(&mut self, pointer: &str, message: impl Into<String>) -> Checked<T> {
+        self.fail(pointer, message);
+        Checked(None)
     }
 
     pub fn finish(self) -> Result<(), DomainError> {
@@ -66,10 +114,10 @@ impl Validation {
         }
     }
 
-    /// Finishes and hands out the value built from the checked parts. `build` only runs when every
-    /// check passed, so it may unwrap the `Option`s that [`Validation::check`] returned.
-    pub fn finish_with<T>(self, build: impl FnOnce() -> T) -> Result<T, DomainError> {
-        self.finish().map(|()| build())
+    /// Finishes and hands out the value built from the checked parts: `build` runs only when
+    /// every check passed, with the [`Valid`] that opens them.
+    pub fn finish_with<T>(self, build: impl FnOnce(&Valid) -> T) -> Result<T, DomainError> {
+        self.finish().map(|()| build(&Valid(())))
     }
 }
 
@@ -80,11 +128,11 @@ mod tests {
     #[test]
     fn reports_every_failed_field_in_order() {
         let mut v = Validation::new();
-        let a: Option<u8> = v.check("/a", Err(Rule::new("bad a")));
+        let a: Checked<u8> = v.check("/a", Err(Rule::new("bad a")));
         let b = v.check("/b", Ok(2));
         v.fail("/c", "bad c");
-        assert_eq!(a, None);
-        assert_eq!(b, Some(2));
+        assert!(a.0.is_none());
+        assert_eq!(b.0, Some(2));
         let Err(DomainError::Invalid(errors)) = v.finish() else {
             panic!("expected invalid")
         };

@@ -50,6 +50,17 @@ pub struct SubmitLimits {
     pub max_queued_per_project: u64,
 }
 
+/// What a caller asks `list` for; the service adds the caller's reach.
+#[derive(Debug, Clone)]
+pub struct ListCommands {
+    pub project_id: Option<ProjectId>,
+    pub status: Option<CommandStatus>,
+    /// Commands older than this one (newest first paging).
+    pub before: Option<CommandId>,
+    /// Page size, clamped to 1-200.
+    pub limit: u32,
+}
+
 pub struct CommandService {
     commands: Arc<dyn CommandStore>,
     output: Arc<dyn OutputStore>,
@@ -200,13 +211,15 @@ impl CommandService {
         })
     }
 
+    /// A page of the commands the caller may see: the caller's reach is always part of the
+    /// filter, whatever was asked.
     pub async fn list(
         &self,
         caller: &Caller,
-        mut filter: CommandFilter,
+        asked: ListCommands,
     ) -> Result<Page<Command>, ServiceError> {
         caller.require(Scope::Read)?;
-        if let Some(project) = filter.project_id
+        if let Some(project) = asked.project_id
             && !caller.can_access(project)
         {
             return Ok(Page {
@@ -214,8 +227,13 @@ impl CommandService {
                 next_cursor: None,
             });
         }
-        filter.projects = caller.reach().map(<[ProjectId]>::to_vec);
-        filter.limit = filter.limit.clamp(1, MAX_PAGE);
+        let filter = CommandFilter {
+            project_id: asked.project_id,
+            projects: caller.reach().map(<[ProjectId]>::to_vec),
+            status: asked.status,
+            before: asked.before,
+            limit: asked.limit.clamp(1, MAX_PAGE),
+        };
         Ok(self.commands.list(&filter).await?)
     }
 

@@ -144,15 +144,15 @@ impl TryFrom<CreateApiKeyRequest> for NewKey {
         let rate_limit = body
             .rate_limit
             .map(|raw| v.check("/rate_limit", RateLimit::parse(&raw)));
-        v.finish().map_err(ApiError::from_domain)?;
-        Ok(NewKey {
-            name: name.expect("checked"),
-            scopes: scopes.expect("checked"),
-            allowed_ips: allowed_ips.expect("checked"),
+        v.finish_with(|valid| NewKey {
+            name: valid.open(name),
+            scopes: valid.open(scopes),
+            allowed_ips: valid.open(allowed_ips),
             project_ids: unique_projects(body.project_ids),
-            rate_limit: rate_limit.flatten(),
+            rate_limit: rate_limit.map(|c| valid.open(c)),
             expires_at: body.expires_at,
         })
+        .map_err(ApiError::from_domain)
     }
 }
 
@@ -206,16 +206,16 @@ impl TryFrom<UpdateApiKeyRequest> for KeyChanges {
         let rate_limit = body
             .rate_limit
             .map(|rate| rate.map(|raw| v.check("/rate_limit", RateLimit::parse(&raw))));
-        v.finish().map_err(ApiError::from_domain)?;
-        Ok(KeyChanges {
-            name: name.flatten(),
-            scopes: scopes.flatten(),
-            allowed_ips: allowed_ips.flatten(),
+        v.finish_with(|valid| KeyChanges {
+            name: name.map(|c| valid.open(c)),
+            scopes: scopes.map(|c| valid.open(c)),
+            allowed_ips: allowed_ips.map(|c| valid.open(c)),
             project_ids: body.project_ids.map(unique_projects),
-            // Checked above: a `Some(None)` here is an explicit `null`, not a failed parse.
-            rate_limit: rate_limit.map(Option::flatten),
+            // A `Some(None)` is an explicit `null`: the key returns to the server default.
+            rate_limit: rate_limit.map(|rate| rate.map(|c| valid.open(c))),
             expires_at: body.expires_at.map(|at| at.map(|Rfc3339(at)| at)),
         })
+        .map_err(ApiError::from_domain)
     }
 }
 

@@ -23,10 +23,9 @@ use crate::domain::command::{
 };
 use crate::domain::ids::{CommandId, ProjectId};
 use crate::domain::project::{EnvVars, MAX_TIMEOUT_SECS, parse_bounded};
-use crate::domain::{DomainError, Validation};
-use crate::ports::CommandFilter;
+use crate::domain::{Checked, DomainError, Validation};
 use crate::services::Caller;
-use crate::services::commands::{QueuedCommand, SubmitCommand};
+use crate::services::commands::{ListCommands, QueuedCommand, SubmitCommand};
 use crate::services::follow::FollowEvent;
 
 use super::AppState;
@@ -71,7 +70,7 @@ impl SubmitCommandRequest {
         let command = v.check("/command", CommandLine::parse(self.command));
         let priority = match self.priority {
             Some(raw) => v.check("/priority", Priority::parse(&raw)),
-            None => Some(Priority::Normal),
+            None => Checked::given(Priority::Normal),
         };
         let timeout_secs = self
             .timeout_secs
@@ -82,11 +81,11 @@ impl SubmitCommandRequest {
         {
             v.fail("Idempotency-Key", "must be 1 to 255 characters");
         }
-        v.finish_with(|| SubmitCommand {
-            command: command.expect("checked"),
-            priority: priority.expect("checked"),
-            timeout_secs: timeout_secs.flatten(),
-            env: env.expect("checked"),
+        v.finish_with(|valid| SubmitCommand {
+            command: valid.open(command),
+            priority: valid.open(priority),
+            timeout_secs: timeout_secs.map(|c| valid.open(c)),
+            env: valid.open(env),
             idempotency_key,
         })
         .map_err(ApiError::from_domain)
@@ -204,17 +203,16 @@ pub struct CommandQuery {
     pub limit: Option<u32>,
 }
 
-impl TryFrom<CommandQuery> for CommandFilter {
+impl TryFrom<CommandQuery> for ListCommands {
     type Error = DomainError;
     fn try_from(query: CommandQuery) -> Result<Self, DomainError> {
         let mut v = Validation::new();
         let status = query
             .status
             .map(|raw| v.check("status", CommandStatus::parse(&raw)));
-        v.finish_with(|| CommandFilter {
+        v.finish_with(|valid| ListCommands {
             project_id: query.project_id.map(ProjectId::from_uuid),
-            projects: None,
-            status: status.flatten(),
+            status: status.map(|c| valid.open(c)),
             before: query.cursor.map(CommandId::from_uuid),
             limit: query.limit.unwrap_or(50),
         })
@@ -237,7 +235,7 @@ impl OutputQuery {
         let only = self
             .stream
             .map(|raw| v.check("stream", OutputStream::parse(&raw)));
-        v.finish_with(|| only.flatten())
+        v.finish_with(|valid| only.map(|c| valid.open(c)))
     }
 }
 
@@ -310,8 +308,8 @@ async fn list_commands(
     caller: Caller,
     ApiQuery(query): ApiQuery<CommandQuery>,
 ) -> Result<Json<CommandPage>, ApiError> {
-    let filter = CommandFilter::try_from(query).map_err(ApiError::from_domain)?;
-    let page = state.commands.list(&caller, filter).await?;
+    let asked = ListCommands::try_from(query).map_err(ApiError::from_domain)?;
+    let page = state.commands.list(&caller, asked).await?;
     Ok(Json(CommandPage {
         items: page
             .items

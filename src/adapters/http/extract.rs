@@ -18,6 +18,7 @@ use crate::domain::api_key::{KeyRejection, loggable_prefix};
 use crate::domain::audit::AuditContext;
 use crate::domain::command::ResumePoint;
 use crate::domain::ids::CommandId;
+use crate::ports::PortError;
 use crate::services::{Caller, ServiceError};
 
 use super::AppState;
@@ -245,8 +246,8 @@ pub struct Credentials {
     /// false with `RDEV_TRUST_LOOPBACK=false`.
     pub local: bool,
     pub context: AuditContext,
-    /// Where the key's rate decision goes for the response headers (absent when the router
-    /// has no route layer to write them, as in unit tests).
+    /// Where the key's rate decision goes for the response headers; absent only when the
+    /// router lacks its edge layer, which authenticating then refuses with a 500.
     pub rate_decision: Option<DecisionSlot>,
 }
 
@@ -371,11 +372,16 @@ async fn admit(
     caller: Caller,
     slot: Option<&DecisionSlot>,
 ) -> Result<Caller, ApiError> {
+    // The edge layer attaches the slot to every request; without it the response would lack
+    // its rate-limit headers and nobody would notice.
+    let slot = slot.ok_or_else(|| {
+        ApiError::Service(ServiceError::Internal(PortError::backend(
+            "no rate-limit slot on the request: the router lacks its edge layer",
+        )))
+    })?;
     match state.limits.admit(&caller).await {
         Ok(decision) => {
-            if let Some(slot) = slot {
-                slot.fill(decision);
-            }
+            slot.fill(decision);
             Ok(caller)
         }
         Err(error @ ServiceError::RateLimited(_)) => {

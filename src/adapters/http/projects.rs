@@ -12,13 +12,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::domain::Validation;
 use crate::domain::ids::ProjectId;
 use crate::domain::project::{
     EnvVars, ExecutorKind, KubeLabelName, KubeTarget, LabelSelector, MAX_CONCURRENCY,
     MAX_TIMEOUT_SECS, PodName, PodRef, Project, ProjectName, Workdir, parse_bounded,
     parse_description,
 };
+use crate::domain::{Checked, Validation};
 use crate::services::Caller;
 use crate::services::projects::{NewProject, ProjectChanges};
 
@@ -51,7 +51,7 @@ pub struct TargetBody {
     pub container: Option<String>,
 }
 
-fn parse_target(body: TargetBody, v: &mut Validation) -> Option<KubeTarget> {
+fn parse_target(body: TargetBody, v: &mut Validation) -> Checked<KubeTarget> {
     let namespace = v.check("/target/namespace", KubeLabelName::parse(body.namespace));
     let container = body
         .container
@@ -63,19 +63,16 @@ fn parse_target(body: TargetBody, v: &mut Validation) -> Option<KubeTarget> {
         (None, Some(selector)) => v
             .check("/target/selector", LabelSelector::parse(selector))
             .map(PodRef::Selector),
-        _ => {
-            v.fail("/target", "give exactly one of `pod` or `selector`");
-            None
-        }
+        _ => v.refuse("/target", "give exactly one of `pod` or `selector`"),
     };
-    Some(KubeTarget {
-        namespace: namespace?,
-        pod: pod?,
-        container: match container {
-            Some(parsed) => Some(parsed?),
-            None => None,
-        },
-    })
+    namespace
+        .and(pod)
+        .and(Checked::transpose(container))
+        .map(|((namespace, pod), container)| KubeTarget {
+            namespace,
+            pod,
+            container,
+        })
 }
 
 fn target_body(target: &KubeTarget) -> TargetBody {
@@ -190,17 +187,17 @@ impl CreateProjectRequest {
         );
         let executor = match self.executor {
             Some(raw) => v.check("/executor", ExecutorKind::parse(&raw)),
-            None => Some(default_executor),
+            None => Checked::given(default_executor),
         };
-        v.finish_with(|| NewProject {
-            name: name.expect("checked"),
-            description: description.expect("checked"),
-            target: target.map(|t| t.expect("checked")),
-            workdir: workdir.expect("checked"),
-            env: env.expect("checked"),
-            max_concurrency: max_concurrency.expect("checked"),
-            default_timeout_secs: default_timeout_secs.expect("checked"),
-            executor: executor.expect("checked"),
+        v.finish_with(|valid| NewProject {
+            name: valid.open(name),
+            description: valid.open(description),
+            target: target.map(|t| valid.open(t)),
+            workdir: valid.open(workdir),
+            env: valid.open(env),
+            max_concurrency: valid.open(max_concurrency),
+            default_timeout_secs: valid.open(default_timeout_secs),
+            executor: valid.open(executor),
         })
         .map_err(ApiError::from_domain)
     }
@@ -246,15 +243,15 @@ impl TryFrom<UpdateProjectRequest> for ProjectChanges {
         let executor = body
             .executor
             .map(|e| v.check("/executor", ExecutorKind::parse(&e)));
-        v.finish_with(|| ProjectChanges {
-            name: name.flatten(),
-            description: description.flatten(),
-            target: target.map(|t| t.map(|t| t.expect("checked"))),
-            workdir: workdir.flatten(),
-            env: env.flatten(),
-            max_concurrency: max_concurrency.flatten(),
-            default_timeout_secs: default_timeout_secs.flatten(),
-            executor: executor.flatten(),
+        v.finish_with(|valid| ProjectChanges {
+            name: name.map(|c| valid.open(c)),
+            description: description.map(|c| valid.open(c)),
+            target: target.map(|t| t.map(|t| valid.open(t))),
+            workdir: workdir.map(|c| valid.open(c)),
+            env: env.map(|c| valid.open(c)),
+            max_concurrency: max_concurrency.map(|c| valid.open(c)),
+            default_timeout_secs: default_timeout_secs.map(|c| valid.open(c)),
+            executor: executor.map(|c| valid.open(c)),
         })
         .map_err(ApiError::from_domain)
     }

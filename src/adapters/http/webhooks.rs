@@ -126,14 +126,14 @@ impl TryFrom<CreateWebhookRequest> for NewWebhook {
         let mut v = Validation::new();
         let events = v.check("/events", EventFilter::parse(&body.events));
         check_description(&mut v, &body.description);
-        v.finish().map_err(ApiError::from_domain)?;
-        Ok(NewWebhook {
+        v.finish_with(|valid| NewWebhook {
             url: body.url,
-            events: events.expect("checked"),
+            events: valid.open(events),
             project_id: body.project_id.map(ProjectId::from_uuid),
             description: body.description,
             enabled: body.enabled.unwrap_or(true),
         })
+        .map_err(ApiError::from_domain)
     }
 }
 
@@ -161,14 +161,14 @@ impl TryFrom<UpdateWebhookRequest> for WebhookChanges {
         if let Some(description) = &body.description {
             check_description(&mut v, description);
         }
-        v.finish().map_err(ApiError::from_domain)?;
-        Ok(WebhookChanges {
+        v.finish_with(|valid| WebhookChanges {
             url: body.url,
-            events: events.flatten(),
+            events: events.map(|c| valid.open(c)),
             project_id: body.project_id.map(|p| p.map(ProjectId::from_uuid)),
             description: body.description,
             enabled: body.enabled,
         })
+        .map_err(ApiError::from_domain)
     }
 }
 
